@@ -1,0 +1,27 @@
+# Sourced by scripts/demo and scripts/test: create or reuse the venv and install fjordtune into it.
+#   FJORDTUNE_VENV   where the venv lives (default: <repo>/.venv)
+# The CPU build of torch is installed first (torch==2.13.0 comes from local disk on our machines);
+# any other torch spec would pull a multi-GB CUDA build. Images pin the CUDA build instead.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${FJORDTUNE_VENV:-$ROOT/.venv}"
+EXTRAS="${1:-local}"
+TORCH_SPEC="torch==2.13.0"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating venv $VENV"
+  python3 -m venv "$VENV"
+fi
+# reinstall when the dependency list or the extras change
+want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS-$TORCH_SPEC"
+stamp="$VENV/.fjordtune-installed"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "[bootstrap] installing fjordtune[$EXTRAS] into $VENV (first time: 1-3 minutes)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]"
+  echo "$want" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
+export RAY_AUTH_MODE=disabled
+export PYTHONUNBUFFERED=1

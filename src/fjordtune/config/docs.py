@@ -1,0 +1,30 @@
+"""Human-readable documentation of the job-file schema, generated from the field descriptions."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from fjordtune.config.load import _model_of
+from fjordtune.config.schema import JobSpec
+
+
+def explain(model: type[BaseModel] = JobSpec, prefix: str = "") -> str:
+    """Every key as `section.key  type  default  description`, sections in schema order."""
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        sub = _model_of(field.annotation)
+        if sub is not None:
+            lines.append(f"\n[{path}]" + (f"  {sub.__doc__.strip().splitlines()[0]}" if sub.__doc__ else ""))
+            lines.append(explain(sub, prefix=f"{path}."))
+            continue
+        if field.default_factory is not None:
+            default = repr(field.default_factory())
+        elif field.default is PydanticUndefined:
+            default = "(required)"
+        else:
+            default = repr(field.default)
+        kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        lines.append(f"  {path:<36} {kind:<14} {default}\n      {field.description or ''}")
+    return "\n".join(lines).lstrip("\n")

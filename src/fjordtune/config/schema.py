@@ -1,0 +1,172 @@
+"""The job-file schema: one typed, frozen section per subsystem.
+
+The section and key names below are the user interface of fjordtune: keep them stable. Each field's
+description is the documentation (`fjordtune validate --explain` prints them).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: LoRA targets that cover Mistral4's MLA attention projections (there is no k_proj / v_proj).
+MISTRAL4_ATTENTION_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+#: Mistral4's fused routed experts are 3-D parameters, reachable only through `target_parameters`.
+MISTRAL4_EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSection(Section):
+    path: str = Field(
+        description="Base model: a local folder, an s3:// URI of a saved folder, a hub id, or "
+        "`builtin:<preset>` (a random-init model built from a config, e.g. builtin:tiny-mistral4)."
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Tokenizer location if not in `path` (folder, s3:// URI, hub id or builtin:demo).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="bfloat16", description="Dtype of the frozen base weights during training and eval."
+    )
+    seed: int = Field(default=0, description="Seed for builtin random-init models.")
+
+
+class LoraSection(Section):
+    rank: int = Field(default=32, gt=0, description="LoRA rank r.")
+    alpha: float = Field(default=64, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(MISTRAL4_ATTENTION_TARGETS),
+        description="nn.Linear module names to adapt (peft `target_modules`). Coverage is printed "
+        "before training, and a name that matches nothing is an error.",
+    )
+    target_parameters: list[str] = Field(
+        default_factory=lambda: list(MISTRAL4_EXPERT_TARGETS),
+        description="Parameter names to adapt directly (peft `target_parameters`), for fused expert "
+        "weights that are not nn.Linear.",
+    )
+
+    @model_validator(mode="after")
+    def _some_target(self) -> LoraSection:
+        if not self.target_modules and not self.target_parameters:
+            raise ValueError("target_modules and target_parameters are both empty: nothing would train")
+        return self
+
+
+class DataSection(Section):
+    train_files: list[str] = Field(
+        min_length=1,
+        description="JSON-lines files of chat rows {messages: [{role, content}, ...]}; local paths or s3:// URIs.",
+    )
+    max_seq_len: int = Field(default=1024, gt=8, description="Sequences are truncated to this many tokens.")
+    chat_template: bool = Field(
+        default=True, description="Format rows with the tokenizer's chat template (loss on assistant turns only)."
+    )
+    shuffle_seed: int = Field(default=0, description="Seed of the per-epoch shuffle.")
+
+
+class TrainSection(Section):
+    epochs: int = Field(default=2, gt=0, description="Passes over the training data.")
+    lr: float = Field(default=5e-5, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay on adapter weights.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps, then constant.")
+    micro_batch_size: int = Field(default=1, gt=0, description="Sequences per worker per step.")
+    grad_clip: float = Field(default=1.0, ge=0, description="Max gradient norm (0 = no clipping).")
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many steps (for smoke runs).")
+    activation_checkpointing: bool = Field(
+        default=True, description="Recompute each decoder layer in backward (less memory, ~30% more compute)."
+    )
+    checkpoint_every_steps: int = Field(
+        default=0, ge=0, description="Save a resumable checkpoint every N steps; 0 = at the end of each epoch."
+    )
+    num_checkpoints_to_keep: int = Field(default=2, gt=0, description="Resumable checkpoints kept in storage.")
+    seed: int = Field(default=0, description="Seed for adapter init and data order.")
+
+
+class EvalSection(Section):
+    tasks: list[str] = Field(
+        min_length=1,
+        description="lm-eval task names, e.g. nrk_quiz_qa_nob_p0; shell-style patterns such as "
+        "'nrk_quiz_qa_*' are expanded against the registered tasks.",
+    )
+    data_dir: str | None = Field(
+        default=None,
+        description="Local folder laid out <hf_dataset_id>/<config>/<split>.jsonl, read instead of the hub.",
+    )
+    num_fewshot: int | None = Field(default=None, ge=0, description="Few-shot examples; None = each task's default.")
+    apply_chat_template: bool = Field(default=False, description="Wrap prompts in the tokenizer's chat template.")
+    batch_size: int = Field(default=16, gt=0, description="Requests per scoring batch on each eval worker.")
+    num_workers: int = Field(default=2, gt=0, description="Ray Data scoring actors (one per GPU on a cluster).")
+    limit: int | None = Field(
+        default=None, gt=0, description="Score only the first N docs per task. Full evaluation is the default: "
+        "subsamples gave misleading numbers in the story."
+    )
+    models: list[Literal["base", "tuned"]] = Field(
+        default_factory=lambda: ["base", "tuned"], description="Which models `fjordtune run` evaluates."
+    )
+
+
+class StorageSection(Section):
+    uri: str = Field(description="Where runs live: s3://bucket/prefix or a local folder.")
+    endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint for non-AWS stores; default: the AWS_ENDPOINT_URL environment variable."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError(f"unsupported scheme in {v!r}: use s3:// or a local path")
+        return v.rstrip("/")
+
+
+class ResourcesSection(Section):
+    num_workers: int = Field(default=2, gt=0, description="Training workers (one per GPU).")
+    use_gpu: bool = Field(default=False, description="Train and evaluate on GPUs (NCCL) instead of CPUs (gloo).")
+    cpus_per_worker: float = Field(default=1, gt=0, description="CPUs reserved per worker.")
+    accelerator_memory_gib: float = Field(
+        default=80, gt=0, description="Memory of one accelerator, for the preflight memory check (H100: 80)."
+    )
+    memory_headroom: float = Field(
+        default=0.1, ge=0, lt=1, description="Fraction of accelerator memory preflight keeps free."
+    )
+
+
+class TelemetrySection(Section):
+    nvml: bool = Field(default=True, description="Sample GPU utilisation and memory with NVML (skipped without GPUs).")
+    interval_s: float = Field(default=5.0, gt=0, description="Seconds between samples.")
+    ray_metrics: bool = Field(default=True, description="Export samples and training metrics as Ray metrics.")
+
+
+class SubmitSection(Section):
+    address: str | None = Field(
+        default=None, description="Ray dashboard address (http://host:8265); default: RAY_ADDRESS."
+    )
+    working_dir: str = Field(default=".", description="Uploaded as the job's working directory.")
+    excludes: list[str] = Field(
+        default_factory=lambda: [".git", ".venv", "outputs", "**/__pycache__", "*.egg-info"],
+        description="Paths left out of the upload.",
+    )
+    pip: list[str] = Field(default_factory=list, description="Extra pip packages for the job's runtime_env.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment variables for the job.")
+
+
+class JobSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; storage path <uri>/<name>.")
+    model: ModelSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection
+    storage: StorageSection
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    submit: SubmitSection = Field(default_factory=SubmitSection)
+
+    @property
+    def run_uri(self) -> str:
+        return f"{self.storage.uri}/{self.name}"

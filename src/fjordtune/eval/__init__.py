@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval tasks scored through Ray Data, with sanity checks."""

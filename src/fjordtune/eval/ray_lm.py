@@ -1,0 +1,128 @@
+"""An lm-eval model whose scoring runs as a Ray Data pipeline over a pool of scorer actors.
+
+lm-eval builds the requests (prompts, few-shot, chat template) exactly as it does for `hf`; we only
+replace where the forward passes run. Every request carries its index through the pipeline, so the
+result order never depends on Ray Data's ordering.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from lm_eval.api.model import TemplateLM
+
+log = logging.getLogger(__name__)
+
+
+class ScoreActor:
+    """One Ray Data actor: loads the model once, then scores batches of requests."""
+
+    def __init__(self, *, model_uri: str, adapter_uri: str | None, dtype: str, use_gpu: bool,
+                 endpoint_url: str | None) -> None:
+        from fjordtune.eval.scorer import Scorer
+        from fjordtune.model.load import local_model_dir
+        from fjordtune.storage import Store, cache_root
+
+        store = Store(endpoint_url=endpoint_url)
+        model_dir = local_model_dir(model_uri, store=store, cache_root=cache_root())
+        adapter_dir = local_model_dir(adapter_uri, store=store, cache_root=cache_root()) if adapter_uri else None
+        self.scorer = Scorer(model_dir, adapter_dir=adapter_dir, dtype=dtype, device="cuda" if use_gpu else "cpu")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ctx = [list(map(int, x)) for x in batch["ctx"]]
+        cont = [list(map(int, x)) for x in batch["cont"]]
+        scored = self.scorer.score(ctx, cont)
+        return {"idx": batch["idx"], "logprob": [s[0] for s in scored], "greedy": [s[1] for s in scored]}
+
+
+class RayDataLM(TemplateLM):
+    """lm-eval `TemplateLM` scored through Ray Data (multiple-choice log-likelihood tasks)."""
+
+    def __init__(self, *, model_uri: str, tokenizer: Any, adapter_uri: str | None = None, dtype: str = "float32",
+                 num_workers: int = 2, batch_size: int = 16, use_gpu: bool = False, cpus_per_worker: float = 1,
+                 endpoint_url: str | None = None, name: str = "model") -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model_uri, self.adapter_uri, self.dtype = model_uri, adapter_uri, dtype
+        self.num_workers, self.batch_size, self.use_gpu = num_workers, batch_size, use_gpu
+        self.cpus_per_worker, self.endpoint_url, self.name = cpus_per_worker, endpoint_url, name
+        self.num_scored = 0
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos and string.startswith(bos):
+            kw["add_special_tokens"] = False
+        return self.tokenizer.encode(string, **kw)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template if chat_template else None
+
+    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        import ray
+
+        if not requests:
+            return []
+        items = [{"idx": i, "ctx": ctx, "cont": cont} for i, (_, ctx, cont) in enumerate(requests)]
+        # longest first: batches of similar length waste less padding
+        items.sort(key=lambda r: -(len(r["ctx"]) + len(r["cont"])))
+        log.info("%s: scoring %d requests on %d Ray Data actors", self.name, len(items), self.num_workers)
+        with warnings.catch_warnings():  # max_restarts/max_task_retries have no named parameter yet
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = self._pipeline(ray.data.from_items(items))
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        for row in ds.iter_rows():
+            out[int(row["idx"])] = (float(row["logprob"]), bool(row["greedy"]))
+        missing = [i for i, r in enumerate(out) if r is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} requests came back unscored (first: {missing[:5]})")
+        self.num_scored += len(requests)
+        return out  # type: ignore[return-value]
+
+    def _pipeline(self, ds: Any) -> Any:
+        from ray.data import ActorPoolStrategy
+
+        return ds.map_batches(
+            ScoreActor,
+            fn_constructor_kwargs={
+                "model_uri": self.model_uri, "adapter_uri": self.adapter_uri, "dtype": self.dtype,
+                "use_gpu": self.use_gpu, "endpoint_url": self.endpoint_url,
+            },
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(size=self.num_workers),
+            num_gpus=1 if self.use_gpu else 0,
+            num_cpus=self.cpus_per_worker,
+            # Ray Data restarts and retries forever by default, so a crash that repeats (a bad model
+            # folder, OOM) would hang the eval: fail fast and say why instead
+            max_restarts=0,
+            max_task_retries=0,
+        )
+
+    def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> list[float]:
+        raise NotImplementedError("fjordtune's Ray Data scorer supports multiple-choice (loglikelihood) tasks only")
+
+    def generate_until(self, requests: Any, disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError("fjordtune's Ray Data scorer supports multiple-choice (loglikelihood) tasks only")

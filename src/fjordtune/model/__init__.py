@@ -1,0 +1,1 @@
+"""Base-model building, staging and verified loading."""

@@ -1,0 +1,120 @@
+"""The orchestration layer: preflight gate -> stage base model -> train -> eval base and tuned -> report.
+
+This is where the preflight gate lives (not inside `train`), so `preflight` may import `train`
+helpers without a cycle. Each stage is an importable function the CLI wraps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fjordtune.config.schema import JobSpec
+from fjordtune.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+def say(msg: str) -> None:
+    """Progress for people watching a terminal or `ray job logs` (stage banners, results)."""
+    print(msg, file=sys.stdout, flush=True)
+
+
+def connect_ray(job: JobSpec) -> None:
+    """Join the cluster this process runs in (RAY_ADDRESS under `ray job submit`), else start a local one."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+    else:  # no cluster: a private local one for this process
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    ctx = ray.get_runtime_context()
+    say(f"Ray: connected (node {ctx.get_node_id()[:8]}), resources {ray.cluster_resources()}")
+
+
+def stage_model(job: JobSpec, store: Store) -> str:
+    from fjordtune.model.load import stage_base_model
+
+    store.ensure_bucket(job.storage.uri)
+    return stage_base_model(job.model.path, run_uri=job.run_uri, store=store, seed=job.model.seed)
+
+
+def preflight(job: JobSpec) -> Any:
+    """Estimate per-worker memory; raise `PreflightRefused` if the job cannot fit."""
+    from fjordtune.preflight.gate import check
+
+    report = check(job)
+    say(report.text)
+    return report
+
+
+def train(job: JobSpec) -> dict[str, Any]:
+    from fjordtune.train.ray_driver import run_training
+
+    store = Store(endpoint_url=job.storage.endpoint_url)
+    model_uri = stage_model(job, store)
+    connect_ray(job)
+    say(f"== train: {job.resources.num_workers} workers, FSDP2, checkpoints in {job.run_uri}/train")
+    outcome = run_training(job, model_uri=model_uri)
+    say(f"== train done: {outcome.num_steps} steps, final loss {outcome.final_loss}, adapter {outcome.adapter_uri}")
+    return {"model_uri": model_uri, "adapter_uri": outcome.adapter_uri, "num_steps": outcome.num_steps,
+            "final_loss": outcome.final_loss}
+
+
+def evaluate(job: JobSpec, *, output_dir: str | Path, adapter_uri: str | None = None,
+             label: str | None = None) -> dict[str, Any]:
+    from fjordtune.eval.run import evaluate as run_eval
+
+    store = Store(endpoint_url=job.storage.endpoint_url)
+    model_uri = stage_model(job, store)
+    connect_ray(job)
+    label = label or ("tuned" if adapter_uri else "base")
+    say(f"== eval {label}: {len(job.eval.tasks)} task pattern(s) on {job.eval.num_workers} Ray Data workers")
+    results = run_eval(job, model_uri=model_uri, adapter_uri=adapter_uri, label=label, output_dir=output_dir)
+    say(f"== eval {label} done: {len(results['tasks'])} tasks, {results['num_requests']} requests in "
+        f"{results['seconds']} s -> {Path(output_dir) / 'results.json'}")
+    return results
+
+
+def report(job: JobSpec, *, output_dir: str | Path, base: dict[str, Any] | None, tuned: dict[str, Any] | None,
+           train_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    from fjordtune.report import write_report
+
+    paths = write_report(output_dir=output_dir, base=base, tuned=tuned, train=train_info, title=f"fjordtune: {job.name}")
+    store = Store(endpoint_url=job.storage.endpoint_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("report.md", "scores.png", "summary.json"):
+            Path(tmp, name).write_bytes(Path(output_dir, name).read_bytes())
+        store.upload_dir(tmp, f"{job.run_uri}/report")
+    return paths
+
+
+def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
+    """The whole pipeline. Returns the report paths; everything is also committed to storage."""
+    out = Path(output_dir)
+    say(f"== fjordtune run {job.name}: storage {job.run_uri}, local output {out.resolve()}")
+    preflight(job)
+    info = train(job)
+    base = tuned = None
+    if "base" in job.eval.models:
+        base = evaluate(job, output_dir=out / "base", label="base")
+    if "tuned" in job.eval.models:
+        tuned = evaluate(job, output_dir=out / "tuned", adapter_uri=info["adapter_uri"], label="tuned")
+    paths = report(job, output_dir=out, base=base, tuned=tuned, train_info=info)
+    say("")
+    say(paths["table"])
+    say("")
+    say(f"report: {paths['markdown'].resolve()}")
+    say(f"chart:  {paths['png'].resolve()}")
+    say(f"stored: {job.run_uri}/report/ (adapter: {info['adapter_uri']})")
+    (out / "run.json").write_text(json.dumps({"job": job.name, **info}, indent=2) + "\n")
+    return paths

@@ -1,0 +1,428 @@
+"""Analytic per-GPU memory estimate for LoRA + FSDP2 training: a pure function of numbers.
+
+The model follows what a live-tensor tracker (FSDPMemTracker under a fake process group) sees on
+the full Mistral Small 4, and adds what it cannot see (CUDA context, NCCL, fragmentation) as
+separate, configurable terms. Memory is evaluated at the moments where the peak can occur (the
+forward all-gather of the last layers, the loss, the start and the end of the backward, the
+optimizer step); the largest one is the estimate and its terms are the breakdown. docs/preflight.md
+explains every term and compares the result with the traced figures and the story.
+
+No torch here: `ParamCounts` carries every shape and dimension that is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fjordtune.preflight.params import LayerGroup, ParamCounts, Shape
+
+GiB = 1 << 30
+GB = 10**9
+H100_80GB_BYTES = 81_559 * (1 << 20)
+"""What an H100 80 GB reports as total memory (81559 MiB, 79.6 GiB)."""
+
+DEFAULT_HEADROOM_FRACTION = 0.10
+DEFAULT_RUNTIME_OVERHEAD_BYTES = 3 * GiB
+"""CUDA context and kernels (~0.5-1 GiB on H100), cuBLAS/NCCL workspaces and NCCL channel buffers
+(~1 GiB with 7 ranks), and small allocations outside the tracker's view: a few GiB in practice."""
+DEFAULT_FRAGMENTATION_FRACTION = 0.05
+"""Caching-allocator slack: FSDP2 allocates all-gather outputs on a second stream, whose blocks are
+not reused by the compute stream until freed; 5% of the live peak is a typical steady state."""
+DEFAULT_GATHERED_LAYERS_FORWARD = 3
+"""Unsharded layer copies at the forward peak: the current layer plus two all-gathers in flight
+(FSDP2 implicit prefetch, at most two outstanding), as traced on the full model."""
+DEFAULT_GATHERED_LAYERS_BACKWARD = 2
+"""Unsharded layer copies during compute and backward: the current layer plus the prefetched one."""
+
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lion": 1, "sgd_momentum": 1, "sgd": 0}
+FP32 = 4
+INDEX_BYTES = 8
+
+
+@dataclass(frozen=True)
+class MemoryTerm:
+    key: str
+    label: str
+    bytes: int
+    explanation: str
+    live: bool = True
+    """False for what a live-tensor tracker cannot see (runtime overhead, fragmentation)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryEstimate:
+    num_workers: int
+    seq_len: int
+    micro_batch_size: int
+    activation_checkpointing: bool
+    peak_moment: str
+    terms: tuple[MemoryTerm, ...]
+    """Breakdown at the peak moment, live terms first, then the overhead terms."""
+    moments: tuple[tuple[str, int], ...]
+    """Live bytes at every modelled moment; the largest is `peak_moment`."""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+    @property
+    def live_bytes(self) -> int:
+        """Live tensors only: what FSDPMemTracker reports, comparable to a traced estimate."""
+        return sum(t.bytes for t in self.terms if t.live)
+
+    def bytes_of(self, key: str) -> int:
+        """Bytes of one term at the peak (0 when the term does not occur at that moment)."""
+        return sum(t.bytes for t in self.terms if t.key == key)
+
+    def fits(self, capacity_bytes: int, headroom_fraction: float = DEFAULT_HEADROOM_FRACTION) -> bool:
+        """True if the total stays within `capacity_bytes` minus the headroom fraction."""
+        return self.total_bytes <= usable_bytes(capacity_bytes, headroom_fraction)
+
+    def table(self) -> str:
+        ckpt = "on" if self.activation_checkpointing else "off"
+        lines = [
+            f"per-GPU memory estimate: {_gib(self.total_bytes)} GiB ({self.total_bytes / GB:.1f} GB) at "
+            f"{self.num_workers} workers, {self.seq_len} tokens x micro-batch {self.micro_batch_size}, "
+            f"activation checkpointing {ckpt}",
+            f"peak at: {self.peak_moment}; live tensors at each moment: "
+            + ", ".join(f"{name} {_gib(b)}" for name, b in self.moments) + " GiB",
+            f"  {'term':<34} {'GiB':>8}  what",
+        ]
+        for t in self.terms:
+            if t.live:
+                lines.append(f"  {t.label:<34} {_gib(t.bytes):>8}  {t.explanation}")
+        lines.append(f"  {'= live tensors':<34} {_gib(self.live_bytes):>8}  comparable to a traced (fake-PG) estimate")
+        for t in self.terms:
+            if not t.live:
+                lines.append(f"  {t.label:<34} {_gib(t.bytes):>8}  {t.explanation}")
+        lines.append(f"  {'= total':<34} {_gib(self.total_bytes):>8}")
+        return "\n".join(lines)
+
+
+def usable_bytes(capacity_bytes: int, headroom_fraction: float) -> int:
+    if not 0 <= headroom_fraction < 1:
+        raise ValueError(f"headroom_fraction must be in [0, 1), got {headroom_fraction}")
+    return int(capacity_bytes * (1 - headroom_fraction))
+
+
+def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micro_batch_size: int,
+                    activation_checkpointing: bool, param_bytes: int = 2, adapter_bytes: int = 4,
+                    optimizer: str = "adamw",
+                    num_gathered_layers_forward: int = DEFAULT_GATHERED_LAYERS_FORWARD,
+                    num_gathered_layers_backward: int = DEFAULT_GATHERED_LAYERS_BACKWARD,
+                    runtime_overhead_bytes: int = DEFAULT_RUNTIME_OVERHEAD_BYTES,
+                    fragmentation_fraction: float = DEFAULT_FRAGMENTATION_FRACTION) -> MemoryEstimate:
+    """Per-GPU peak bytes of one LoRA + FSDP2 training step (steady state: optimizer states exist).
+
+    `param_bytes` is the frozen base dtype (bf16: 2) and also the activation dtype; `adapter_bytes`
+    the LoRA parameter, gradient and optimizer-state dtype (peft keeps adapters in fp32: 4).
+    """
+    for name, value in (("num_workers", num_workers), ("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
+                        ("param_bytes", param_bytes), ("adapter_bytes", adapter_bytes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer {optimizer!r} unknown; known: {', '.join(OPTIMIZER_STATES)}")
+    if num_gathered_layers_forward < 1 or num_gathered_layers_backward < 1:
+        raise ValueError("at least one gathered layer copy is needed in forward and in backward")
+    w, pb, ab = num_workers, param_bytes, adapter_bytes
+    tokens = seq_len * micro_batch_size
+    groups = counts.layer_groups
+    big = max(groups, key=lambda g: _layer_full_bytes(g, w, pb, ab))
+
+    # --- persistent: sharded parameters, adapter and optimizer state --------------------------
+    frozen_sharded = sum(g.num_layers * _shard_bytes(g.param_shapes, w, pb) for g in groups)
+    frozen_sharded += _shard_bytes(counts.root_param_shapes, w, pb)
+    naive = counts.total_params * pb / w
+    experts = big.expert_param_shapes
+    pad_note = ""
+    if experts and experts[0][1][0] % w:
+        e = experts[0][1][0]
+        pad_note = f"; dim 0 padded to a multiple of {w} ({e} experts -> {_ceil(e, w) * w} rows)"
+    lora_sharded = sum(g.num_layers * _shard_bytes(g.lora_shapes, w, ab) for g in groups)
+    lora_sharded += _shard_bytes(counts.root_lora_shapes, w, ab)
+    num_states = OPTIMIZER_STATES[optimizer]
+    persistent = [
+        MemoryTerm("frozen_params_sharded", "frozen params, sharded", frozen_sharded,
+                   f"{counts.total_params / 1e9:.2f}B x {pb} B / {w} workers{pad_note}: "
+                   f"{_gib(frozen_sharded - naive, 2)} GiB over params/{w}"),
+        MemoryTerm("lora_params_sharded", "LoRA params, sharded", lora_sharded,
+                   f"{counts.lora_params / 1e6:.1f}M adapter params x {ab} B / {w}"),
+        MemoryTerm("optimizer_states", f"{optimizer} states, sharded", num_states * lora_sharded,
+                   f"{num_states} state(s) per adapter param, {ab} B each, sharded like the params"),
+    ]
+    root_full = w * (_shard_bytes(counts.root_param_shapes, w, pb) + _shard_bytes(counts.root_lora_shapes, w, ab))
+    root_params = counts.embedding_params + counts.lm_head_params + counts.other_root_params
+    root = MemoryTerm("root_params_unsharded", "root params, unsharded", root_full,
+                      f"embedding + lm_head + final norm ({root_params / 1e9:.2f}B x {pb} B) stay gathered "
+                      "on the FSDP root from its forward to the end of backward")
+    layer_full = _layer_full_bytes(big, w, pb, ab)
+
+    def gathered(n: int, why: str) -> MemoryTerm:
+        return MemoryTerm("gathered_layers", f"gathered decoder layers x{n}", n * layer_full,
+                          f"{n} unsharded copies of the largest layer ({_gib(layer_full, 2)} GiB with padding "
+                          f"and adapters): {why}")
+
+    lora_grad_full = w * _shard_bytes(big.lora_shapes, w, ab)
+    reduce_scatter = MemoryTerm("lora_grads_unsharded", "LoRA grads of one layer, unsharded", lora_grad_full,
+                                "the current layer's adapter gradients before reduce-scatter")
+    grads_sharded = MemoryTerm("lora_grads_sharded", "LoRA grads, sharded", lora_sharded,
+                               "adapter gradients of all layers, sharded (end of backward)")
+
+    # --- activations ---------------------------------------------------------------------------
+    per_tok = {id(g): activation_bytes_per_token(counts, g, param_bytes=pb, adapter_bytes=ab) for g in groups}
+    merged = {id(g): _merged_bytes(g, pb, ab) for g in groups}
+    num_layers = counts.num_layers
+    ckpt_input = tokens * counts.hidden_size * pb
+    act_big = tokens * per_tok[id(big)]
+    merged_big = merged[id(big)]
+    grad_extra = _merged_grad_bytes(big, pb)
+    logits_bf16 = tokens * counts.vocab_size * pb
+
+    if activation_checkpointing:
+        stored_all = MemoryTerm("activations", "checkpointed layer inputs", num_layers * ckpt_input,
+                                f"{num_layers} layers x {tokens} tokens x hidden {counts.hidden_size} x {pb} B")
+        stored_fwd = MemoryTerm("activations", "checkpointed layer inputs", (num_layers - 1) * ckpt_input,
+                                stored_all.explanation.replace(f"{num_layers} layers", f"{num_layers - 1} layers"))
+        stored_first = MemoryTerm("activations", "checkpointed layer inputs", ckpt_input,
+                                  "the first layer's input (the others were freed as backward passed them)")
+        merged_all = merged_fwd = merged_first = None
+    else:
+        what = "(norms, attention, MoE routing and expert buffers, fp32 LoRA inputs)"
+        stored_all = MemoryTerm(
+            "activations", f"activations of {num_layers} layers",
+            sum(g.num_layers * tokens * per_tok[id(g)] for g in groups),
+            f"{_kib(per_tok[id(big)])} KiB per token per layer x {tokens} tokens x {num_layers} layers {what}")
+        stored_fwd = MemoryTerm(
+            "activations", f"activations of {num_layers - 1} layers", stored_all.bytes - act_big,
+            f"{_kib(per_tok[id(big)])} KiB per token per layer x {tokens} tokens x {num_layers - 1} layers {what}")
+        stored_first = MemoryTerm("activations", "activations of one layer", act_big,
+                                  "what the first layer saved for its backward")
+        merged_sum = sum(g.num_layers * merged[id(g)] for g in groups)
+        merged_all = _merged_term(merged_sum, num_layers, big, pb, ab)
+        merged_fwd = _merged_term(merged_sum - merged_big, num_layers - 1, big, pb, ab)
+        merged_first = _merged_term(merged_big, 1, big, pb, ab)
+    transient = MemoryTerm("layer_activations_transient", "one layer's activations (recompute)", act_big,
+                           f"{_kib(per_tok[id(big)])} KiB per token x {tokens} tokens, alive while the layer "
+                           "is recomputed and back-propagated")
+    merged_one = _merged_term(merged_big, 1, big, pb, ab)
+    merged_grad = MemoryTerm("expert_lora_merged_grad", "gradient of a merged expert stack", grad_extra,
+                             "grouped_mm's gradient w.r.t. W+BA, before it is reduced to the LoRA factors")
+    logits_loss = MemoryTerm("logits", "logits and loss buffers", tokens * counts.vocab_size * (2 * pb + 2 * FP32),
+                             f"{tokens} x vocab {counts.vocab_size}: bf16 logits, fp32 upcast, fp32 log-probs "
+                             "and the bf16 gradient")
+    logits_kept = MemoryTerm("logits", "logits held by the model output", logits_bf16,
+                             f"{tokens} x vocab {counts.vocab_size} x {pb} B, referenced until the step ends")
+
+    def present(*terms: MemoryTerm | None) -> list[MemoryTerm]:
+        return [t for t in terms if t is not None and t.bytes > 0]
+
+    g_fwd, g_bwd = num_gathered_layers_forward, num_gathered_layers_backward
+    prefetch = "the current layer plus FSDP2 implicit prefetch in flight"
+    moments: dict[str, list[MemoryTerm]] = {}
+    if activation_checkpointing:
+        moments["forward, all-gather of the last layers"] = present(
+            *persistent, root, gathered(g_fwd, prefetch), stored_fwd)
+        moments["forward, layer compute"] = present(
+            *persistent, root, gathered(g_bwd, prefetch), stored_all, transient, merged_one)
+        moments["loss"] = present(*persistent, root, stored_all, logits_loss)
+        moments["backward, last layer"] = present(
+            *persistent, root, gathered(g_bwd, prefetch), reduce_scatter, stored_all, transient, merged_one,
+            merged_grad, logits_kept)
+        moments["backward, first layer"] = present(
+            *persistent, grads_sharded, root, gathered(g_bwd, prefetch), reduce_scatter, stored_first, transient,
+            merged_one, merged_grad, logits_kept)
+    else:
+        moments["forward, all-gather of the last layers"] = present(
+            *persistent, root, gathered(g_fwd, prefetch), stored_fwd, merged_fwd)
+        moments["forward, layer compute"] = present(
+            *persistent, root, gathered(g_bwd, prefetch), stored_all, merged_all)
+        moments["loss"] = present(*persistent, root, stored_all, merged_all, logits_loss)
+        moments["backward, last layer"] = present(
+            *persistent, root, gathered(g_bwd, prefetch), reduce_scatter, stored_all, merged_all, merged_grad,
+            logits_kept)
+        moments["backward, first layer"] = present(
+            *persistent, grads_sharded, root, gathered(g_bwd, prefetch), reduce_scatter, stored_first,
+            merged_first, merged_grad, logits_kept)
+    moments["optimizer step"] = present(
+        *persistent, grads_sharded,
+        MemoryTerm("optimizer_temporaries", "optimizer temporaries", lora_sharded,
+                   "foreach AdamW intermediates, about one adapter-sized buffer"))
+
+    totals = {name: sum(t.bytes for t in terms) for name, terms in moments.items()}
+    peak = max(totals, key=lambda name: totals[name])
+    live = totals[peak]
+    overhead = [
+        MemoryTerm("runtime_overhead", "runtime overhead", runtime_overhead_bytes,
+                   "CUDA context, cuBLAS/NCCL workspaces and buffers: invisible to a tensor tracker", live=False),
+        MemoryTerm("fragmentation", "allocator fragmentation", int(live * fragmentation_fraction),
+                   f"{fragmentation_fraction:.0%} of live tensors (caching allocator, two streams)", live=False),
+    ]
+    return MemoryEstimate(num_workers=w, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                          activation_checkpointing=activation_checkpointing, peak_moment=peak,
+                          terms=tuple(moments[peak]) + tuple(t for t in overhead if t.bytes > 0),
+                          moments=tuple(totals.items()))
+
+
+def activation_bytes_per_token(counts: ParamCounts, group: LayerGroup, *, param_bytes: int = 2,
+                               adapter_bytes: int = 4) -> int:
+    """Bytes one decoder layer saves for backward per token (without checkpointing).
+
+    Structural count of what autograd keeps with frozen base weights (a frozen matmul keeps no
+    input); for Mistral4 it is within 0.1% of a saved-tensor measurement (224 KB per token with
+    attention-only LoRA, 186 KB with o_proj only, 274 KB with expert LoRA).
+    """
+    a, h = param_bytes, counts.hidden_size
+    # RMSNorms keep their fp32 input: before attention, before the MLP, MLA latent norms
+    total = FP32 * (2 * h + counts.latent_norm_dims) + FP32 * 4
+    # attention: q, k, v as handed to SDPA, its output, and the fp32 log-sum-exp per head
+    total += a * (counts.q_dim + counts.k_dim + counts.v_dim + counts.attn_out_dim) + FP32 * counts.num_attention_heads
+    # peft casts each wrapped linear's input to the adapter dtype and keeps it, plus x @ A
+    total += sum(adapter_bytes * (d + counts.lora_rank) for d in group.lora_linear_in_features)
+    if group.is_moe:
+        k, inter = counts.num_experts_per_tok, counts.expert_intermediate_size
+        # routed experts: gate_up output (2I), activation output (I), down output (h) per chosen
+        # expert; routing: softmax scores and masks over all experts, permutation indices
+        total += a * k * (3 * inter + h) + (a + 1) * counts.num_experts + INDEX_BYTES * 3 * k
+        # a wrapped stack is no longer frozen: grouped_mm keeps its input too
+        for name, _ in group.lora_expert_stacks:
+            total += a * k * (inter if _is_down(name) else h)
+        total += a * 3 * counts.shared_expert_intermediate_size
+    else:
+        total += a * 3 * counts.dense_intermediate_size
+    return total
+
+
+def min_workers(counts: ParamCounts, *, capacity_bytes: int, max_workers: int,
+                headroom_fraction: float = DEFAULT_HEADROOM_FRACTION, **kwargs: Any) -> int | None:
+    """Smallest worker count in 1..max_workers whose estimate fits, or None.
+
+    Every count is tried: FSDP padding makes memory not strictly monotone in the worker count.
+    `kwargs` go to `estimate_memory` (seq_len, micro_batch_size, activation_checkpointing, ...).
+    """
+    for w in range(1, max_workers + 1):
+        if estimate_memory(counts, num_workers=w, **kwargs).fits(capacity_bytes, headroom_fraction):
+            return w
+    return None
+
+
+def explain_refusal(counts: ParamCounts, *, num_workers: int, capacity_bytes: int, max_workers: int,
+                    headroom_fraction: float = DEFAULT_HEADROOM_FRACTION, **kwargs: Any) -> str:
+    """One message with the numbers and the fixes that would work.
+
+    e.g. "needs 78.4 GiB per GPU at 6 GPUs, has 79.6 GiB with 10% headroom (71.7 GiB usable); ...;
+    fits at 7 GPUs (61.2 GiB); or enable activation checkpointing (59.3 GiB at 6 GPUs)".
+    """
+    est = estimate_memory(counts, num_workers=num_workers, **kwargs)
+    usable = usable_bytes(capacity_bytes, headroom_fraction)
+    head = (f"needs {_gib(est.total_bytes)} GiB per GPU at {num_workers} GPUs, has {_gib(capacity_bytes)} GiB "
+            f"with {headroom_fraction:.0%} headroom ({_gib(usable)} GiB usable)")
+    if est.total_bytes <= usable:
+        return f"fits: {head}"
+    top = sorted((t for t in est.terms if t.live), key=lambda t: -t.bytes)[:3]
+    parts = [head, "largest terms: " + ", ".join(f"{t.label} {_gib(t.bytes)} GiB" for t in top)]
+    fixes = []
+    w = min_workers(counts, capacity_bytes=capacity_bytes, max_workers=max_workers,
+                    headroom_fraction=headroom_fraction, **kwargs)
+    if w is not None:
+        fixes.append(f"fits at {w} GPUs ({_gib(estimate_memory(counts, num_workers=w, **kwargs).total_bytes)} GiB)")
+    else:
+        parts.append(f"no worker count up to {max_workers} fits as configured")
+    if not kwargs.get("activation_checkpointing", False):
+        on = dict(kwargs, activation_checkpointing=True)
+        ckpt = estimate_memory(counts, num_workers=num_workers, **on)
+        if ckpt.total_bytes <= usable:
+            fixes.append(f"enable activation checkpointing ({_gib(ckpt.total_bytes)} GiB at {num_workers} GPUs)")
+        else:
+            w_ckpt = min_workers(counts, capacity_bytes=capacity_bytes, max_workers=max_workers,
+                                 headroom_fraction=headroom_fraction, **on)
+            if w_ckpt is not None and (w is None or w_ckpt < w):
+                total = estimate_memory(counts, num_workers=w_ckpt, **on).total_bytes
+                fixes.append(f"enable activation checkpointing and use {w_ckpt} GPUs ({_gib(total)} GiB)")
+    if est.bytes_of("expert_lora_merged") > est.total_bytes // 4:
+        fixes.append(f"drop expert LoRA (lora.target_parameters): peft materialises W+BA, "
+                     f"{_gib(est.bytes_of('expert_lora_merged'))} GiB here")
+    if kwargs.get("micro_batch_size", 1) > 1:
+        smaller = estimate_memory(counts, num_workers=num_workers, **dict(kwargs, micro_batch_size=1))
+        if smaller.total_bytes <= usable:
+            fixes.append(f"use micro-batch 1 ({_gib(smaller.total_bytes)} GiB)")
+    if not fixes:
+        parts.append("no single change found that fits: shorten seq_len or reduce LoRA coverage")
+    return "; ".join(parts + ["; or ".join(fixes)] if fixes else parts)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _shard_bytes(shapes: tuple[tuple[str, Shape], ...], w: int, nbytes: int) -> int:
+    """Bytes of one rank's shards: FSDP2 pads dim 0 of every parameter to a multiple of `w`."""
+    total = 0
+    for _, shape in shapes:
+        if not shape:
+            total += 1
+            continue
+        total += _ceil(shape[0], w) * _numel(shape[1:])
+    return total * nbytes
+
+
+def _layer_full_bytes(g: LayerGroup, w: int, pb: int, ab: int) -> int:
+    """One all-gathered layer: padded frozen params plus its adapters."""
+    return w * (_shard_bytes(g.param_shapes, w, pb) + _shard_bytes(g.lora_shapes, w, ab))
+
+
+def _is_down(name: str) -> bool:
+    return "down" in name or name.endswith("w2")
+
+
+def _merged_bytes(g: LayerGroup, pb: int, ab: int) -> int:
+    """W+BA stacks of one layer, plus the param-dtype copies of their LoRA factors."""
+    stacks = sum(_numel(s) for _, s in g.lora_expert_stacks) * pb
+    casts = g.lora_expert_params * pb if ab != pb else 0
+    return stacks + casts
+
+
+def _merged_grad_bytes(g: LayerGroup, pb: int) -> int:
+    """Extra bytes while back-propagating through the merged stacks, one at a time in reverse.
+
+    Backward visits the stacks in reverse forward order; at stack k, stacks 0..k are still saved
+    and the gradient of stack k exists, so the extra over all saved stacks is
+    max_k(prefix_k + size_k) - total (Mistral4: gate_up 4 GiB, down 2 GiB -> 2 GiB).
+    """
+    sizes = [_numel(s) * pb for _, s in g.lora_expert_stacks]
+    if not sizes:
+        return 0
+    total, prefix, worst = sum(sizes), 0, 0
+    for size in sizes:
+        prefix += size
+        worst = max(worst, prefix + size)
+    return worst - total
+
+
+def _merged_term(nbytes: int, layers: int, g: LayerGroup, pb: int, ab: int) -> MemoryTerm | None:
+    if nbytes <= 0:
+        return None
+    names = "+".join(n.rsplit(".", 1)[-1] for n, _ in g.lora_expert_stacks)
+    one = sum(_numel(s) for _, s in g.lora_expert_stacks) * pb
+    which = "kept for backward by autograd" if layers > 1 else "of the layer being computed"
+    return MemoryTerm("expert_lora_merged", f"expert W+BA stacks x{layers} layer(s)", nbytes,
+                      f"peft materialises {names} W+BA ({_gib(one, 2)} GiB per layer, bf16) for grouped_mm, "
+                      f"{which}; plus bf16 copies of the factors")
+
+
+def _gib(nbytes: float, digits: int = 1) -> str:
+    return f"{nbytes / GiB:.{digits}f}"
+
+
+def _kib(nbytes: float) -> str:
+    return f"{nbytes / 1024:.0f}"

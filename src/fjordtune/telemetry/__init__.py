@@ -1,0 +1,1 @@
+"""Telemetry: NVML GPU sampling and Ray metrics."""

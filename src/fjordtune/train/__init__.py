@@ -1,0 +1,1 @@
+"""Training: LoRA, FSDP2 sharding, the Ray-free step core, and the Ray Train driver."""

@@ -1,0 +1,64 @@
+"""FSDP2 sharding that knows nothing about a particular model: every decoder layer, then the root."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fjordtune.errors import InternalError
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layer_classes(model: nn.Module) -> set[str]:
+    """Names of the decoder-layer classes, from transformers' `_no_split_modules`."""
+    for m in model.modules():
+        names = getattr(m, "_no_split_modules", None)
+        if names:
+            return set(names)
+    return set()
+
+
+def shard_model(model: nn.Module, *, mesh: Any, param_dtype: torch.dtype | None = None,
+                reduce_dtype: torch.dtype | None = None, activation_checkpointing: bool = False) -> int:
+    """Apply `fully_shard` to every decoder layer, then to the root; return the number of layers.
+
+    Raises if no layer was found: an unsharded 119B model is an OOM that should not need a GPU to see.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    classes = decoder_layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise InternalError(f"found no decoder layers to shard in {type(model).__name__} (looked for {classes or '?'})")
+    if activation_checkpointing:
+        enable_activation_checkpointing(model, classes)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    log.info("FSDP2: sharded %d decoder layers (%s) and the root", len(layers), ", ".join(sorted(classes)))
+    return len(layers)
+
+
+def enable_activation_checkpointing(model: nn.Module, classes: set[str]) -> None:
+    """Recompute each decoder layer in backward.
+
+    transformers' own switch is preferred: it keeps module names unchanged, which peft needs to find
+    `target_parameters` adapters when saving (a `checkpoint_wrapper` renames them and the expert
+    adapters silently vanish from the saved file). Models without it get the wrapper.
+    """
+    hf = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
+    if hf is not None and getattr(hf, "supports_gradient_checkpointing", False):
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
+                                   check_fn=lambda m: type(m).__name__ in classes)

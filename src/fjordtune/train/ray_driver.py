@@ -1,0 +1,166 @@
+"""Ray Train driver: runs `TrainerCore` on N workers with FSDP2, resumable checkpoints in storage.
+
+Checkpoints go to `<storage.uri>/<name>/train/` through Ray Train (each rank uploads its DCP shard,
+and Ray registers the checkpoint only when every rank reported it). The final adapter is gathered
+and written in peft format to `<storage.uri>/<name>/adapter/`, committed with a marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fjordtune.config.load import dump_job, validate_raw
+from fjordtune.config.schema import JobSpec
+from fjordtune.errors import FjordtuneError, InfraError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    adapter_uri: str
+    final_loss: float | None
+    num_steps: int
+    metrics: dict[str, Any]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point on each Ray Train worker. Receives plain data and rebuilds the typed job."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from ray.train import Checkpoint
+
+    from fjordtune.data.sft import epoch_batches, steps_per_epoch
+    from fjordtune.model.load import local_model_dir
+    from fjordtune.storage import Store, cache_root
+    from fjordtune.telemetry.gpu import MetricsExporter, open_sampler
+    from fjordtune.train.core import TrainerCore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    job = validate_raw(config["job"], source="<ray worker>")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    store = Store(endpoint_url=job.storage.endpoint_url)
+    device = ray.train.torch.get_device() if job.resources.use_gpu else torch.device("cpu")
+
+    model_dir = local_model_dir(config["model_uri"], store=store, cache_root=cache_root())
+    core = TrainerCore(job, model_dir=model_dir, device=device)
+    if rank == 0:
+        print(core.coverage.table(), flush=True)
+    examples = core.examples(config["rows"])
+    per_epoch = steps_per_epoch(len(examples), batch_size=job.train.micro_batch_size, world_size=world)
+    total = per_epoch * job.train.epochs
+    if job.train.max_steps:
+        total = min(total, job.train.max_steps)
+
+    start_step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            core.load_resumable(d)
+            start_step = json.loads((Path(d) / PROGRESS_FILE).read_text())["step"]
+        core.step = start_step
+        if rank == 0:
+            print(f"resumed from checkpoint at step {start_step}", flush=True)
+
+    telemetry = None
+    if job.telemetry.ray_metrics:
+        sampler = open_sampler() if job.telemetry.nvml and job.resources.use_gpu else None
+        telemetry = MetricsExporter(rank=rank, run=job.name, sampler=sampler, interval_s=job.telemetry.interval_s)
+
+    every = job.train.checkpoint_every_steps or per_epoch
+    step, last_loss, t0, tokens = start_step, None, time.perf_counter(), 0
+    for epoch in range(start_step // per_epoch, job.train.epochs):
+        batches = epoch_batches(
+            examples, batch_size=job.train.micro_batch_size, rank=rank, world_size=world,
+            epoch=epoch, seed=job.data.shuffle_seed, pad_id=core.tokenizer.pad_token_id,
+        )
+        for i, batch in enumerate(batches):
+            if epoch * per_epoch + i < start_step:
+                continue  # already done before the resume
+            if step >= total:
+                break
+            res = core.train_step(batch)
+            step, last_loss, tokens = step + 1, res.loss, tokens + res.num_tokens
+            tps = tokens / max(time.perf_counter() - t0, 1e-9)
+            if telemetry:
+                telemetry.set("train_loss", res.loss)
+                telemetry.set("train_step", step)
+                telemetry.set("train_tokens_per_s", tps)
+            metrics = {"step": step, "epoch": epoch, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
+                       "tokens_per_s": tps}
+            if rank == 0:
+                print(f"step {step}/{total} epoch {epoch} loss {res.loss:.4f} grad_norm {res.grad_norm:.3f} "
+                      f"lr {res.lr:.2e} tok/s {tps:.0f}", flush=True)
+            if step % every == 0 or step == total:
+                with tempfile.TemporaryDirectory(prefix="fjordtune-ckpt-") as tmp:
+                    core.save_resumable(tmp)
+                    if rank == 0:
+                        Path(tmp, PROGRESS_FILE).write_text(json.dumps({"step": step, "epoch": epoch}))
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+
+    summary = telemetry.close() if telemetry else {}
+    with tempfile.TemporaryDirectory(prefix="fjordtune-adapter-") as tmp:
+        if core.save_adapter(tmp):
+            store.upload_dir(tmp, config["adapter_uri"])
+            print(f"adapter written to {config['adapter_uri']}", flush=True)
+    if rank == 0 and summary:
+        print(f"telemetry: {summary}", flush=True)
+
+
+def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
+    """Train `job` on the connected Ray cluster; resumes from the latest checkpoint of a previous run."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fjordtune.storage import pyarrow_filesystem
+
+    from fjordtune.data.sft import read_rows
+    from fjordtune.storage import Store
+
+    # Read (and check) the data here, before any worker starts: bad rows fail fast and cost no GPU,
+    # and workers need no access to the submitter's files.
+    rows = read_rows(job.data.train_files, store=Store(endpoint_url=job.storage.endpoint_url))
+    adapter_uri = f"{job.run_uri}/adapter"
+    fs, path = pyarrow_filesystem(job.run_uri, endpoint_url=job.storage.endpoint_url)
+    res = job.resources
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": dump_job(job), "model_uri": model_uri, "adapter_uri": adapter_uri, "rows": rows},
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=job.train.num_checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=1),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as e:
+        for exc in e.worker_failures.values():  # a user error on a worker stays a user error
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, FjordtuneError):
+                raise type(cause)(*cause.lines) from None
+        raise InfraError(f"training failed on a worker: {e}") from None
+    except ray.train.ControllerError as e:
+        raise InfraError(f"training failed: {e}") from None
+    metrics = dict(result.metrics or {})
+    # Result.metrics are those of the last checkpoint, which is always the last step
+    return TrainOutcome(adapter_uri, metrics.get("loss"), int(metrics.get("step", 0)), metrics)

@@ -1,0 +1,381 @@
+"""Job files: loading, validation messages, `--set` overrides, and the `fjordtune` CLI around them.
+
+Unit tier: no services. The CLI is run as a real subprocess (`python -m fjordtune`) because its
+contract is the exit status and what lands on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fjordtune.config import JobSpec, apply_overrides, dump_job, load_job, validate_raw
+from fjordtune.config.load import _model_of, parse_override
+from fjordtune.errors import ConfigError, InfraError, PreflightRefused, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_FILES = sorted((REPO / "jobs").glob("*.yaml"))
+SUBCOMMANDS = ["validate", "preflight", "train", "eval", "report", "run", "submit"]
+
+
+def minimal_raw() -> dict[str, Any]:
+    """The smallest valid job: only the required keys."""
+    return {
+        "name": "unit",
+        "model": {"path": "builtin:tiny-mistral4"},
+        "data": {"train_files": ["rows.jsonl"]},
+        "eval": {"tasks": ["nrk_quiz_qa_nob_p0"]},
+        "storage": {"uri": "s3://bucket/runs"},
+    }
+
+
+def write_job(tmp_path: Path, raw: Any, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def errors_of(raw: Any, *, source: str = "job.yaml", overrides: tuple[str, ...] = ()) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as info:
+        validate_raw(raw, source=source, overrides=overrides)
+    return info.value.lines
+
+
+def all_key_paths(model: type = JobSpec, prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        sub = _model_of(field.annotation)
+        paths.extend(all_key_paths(sub, f"{prefix}{name}.") if sub is not None else [f"{prefix}{name}"])
+    return paths
+
+
+# -- shipped job files ------------------------------------------------------------------------------
+
+def test_jobs_folder_is_not_empty() -> None:
+    assert JOB_FILES, "no jobs/*.yaml found: the parametrized check below would test nothing"
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_every_shipped_job_validates(path: Path) -> None:
+    job = load_job(path)
+    assert isinstance(job, JobSpec)
+    assert job.name
+    # every job file starts with a comment giving its launch command (docs/STYLE.md)
+    assert path.read_text().lstrip().startswith("#"), f"{path.name} should start with its launch command"
+
+
+def test_minimal_job_gets_documented_defaults() -> None:
+    job = validate_raw(minimal_raw(), source="mem")
+    assert job.lora.rank == 32 and job.model.dtype == "bfloat16"
+    assert "o_proj" in job.lora.target_modules and job.lora.target_parameters
+    assert job.run_uri == "s3://bucket/runs/unit"
+
+
+# -- one line per problem, naming file and key path -------------------------------------------------
+
+def test_misspelled_key_exact_message(tmp_path: Path) -> None:
+    raw = minimal_raw()
+    raw["lora"] = {"rnak": 8}
+    path = write_job(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    assert info.value.lines == (f"{path}: lora.rnak: unknown key (did you mean lora.rank?)",)
+    assert str(info.value) == f"{path}: lora.rnak: unknown key (did you mean lora.rank?)"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "expected"),
+    [
+        ("model", "rank", "lora.rank"),
+        ("lora", "lr", "train.lr"),
+        ("data", "epochs", "train.epochs"),
+        ("train", "use_gpu", "resources.use_gpu"),
+        # the exact key exists in another section: that must beat a loose match in this one
+        ("train", "max_seq_len", "data.max_seq_len"),
+        ("train", "shuffle_seed", "data.shuffle_seed"),
+        (None, "rank", "lora.rank"),  # a section key written at the top level
+    ],
+)
+def test_key_in_wrong_section_suggests_right_one(section: str | None, key: str, expected: str) -> None:
+    raw = minimal_raw()
+    if section is None:
+        raw[key] = 8
+        where = key
+    else:
+        raw.setdefault(section, {})[key] = 8
+        where = f"{section}.{key}"
+    assert errors_of(raw) == (f"job.yaml: {where}: unknown key (did you mean {expected}?)",)
+
+
+def test_misspelled_section_suggests_section() -> None:
+    raw = minimal_raw()
+    raw["lorra"] = {"rank": 8}
+    assert errors_of(raw) == ("job.yaml: lorra: unknown key (did you mean lora?)",)
+
+
+def test_unknown_key_without_near_match_has_no_hint() -> None:
+    raw = minimal_raw()
+    raw["lora"] = {"zzzqqq": 1}
+    assert errors_of(raw) == ("job.yaml: lora.zzzqqq: unknown key",)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "fragment"),
+    [
+        ("model", "dtype", "fp8", "'float32' or 'bfloat16'"),
+        ("lora", "rank", 0, "greater than 0"),
+        ("lora", "rank", "big", "valid integer"),
+        ("lora", "dropout", 1.0, "less than 1"),
+        ("train", "micro_batch_size", 1.5, "valid integer"),
+        ("telemetry", "nvml", "maybe", "valid boolean"),
+        ("storage", "uri", "gs://bucket/x", "use s3:// or a local path"),
+        ("data", "train_files", [], "at least 1 item"),
+    ],
+)
+def test_wrong_type_or_value_is_one_line(section: str, key: str, value: Any, fragment: str) -> None:
+    raw = minimal_raw()
+    raw.setdefault(section, {})[key] = value
+    lines = errors_of(raw, source="jobs/x.yaml")
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "\n" not in line
+    assert line.startswith(f"jobs/x.yaml: {section}.{key}: "), line
+    assert fragment in line
+    assert f"(got {value!r})" in line
+
+
+def test_section_of_wrong_type_names_the_section() -> None:
+    raw = minimal_raw()
+    raw["resources"] = 5
+    (line,) = errors_of(raw)
+    assert line.startswith("job.yaml: resources: ") and "(got 5)" in line
+
+
+def test_missing_required_keys_are_named() -> None:
+    raw = minimal_raw()
+    del raw["name"]
+    del raw["storage"]["uri"]
+    assert set(errors_of(raw)) == {
+        "job.yaml: name: required key is missing",
+        "job.yaml: storage.uri: required key is missing",
+    }
+
+
+def test_lora_with_no_targets_is_refused() -> None:
+    raw = minimal_raw()
+    raw["lora"] = {"target_modules": [], "target_parameters": []}
+    (line,) = errors_of(raw)
+    assert line.startswith("job.yaml: lora: ") and "nothing would train" in line
+
+
+def test_several_errors_reported_at_once(tmp_path: Path) -> None:
+    raw = minimal_raw()
+    raw["lora"] = {"rnak": 8, "alpha": -1}
+    raw["model"]["dtype"] = "fp8"
+    raw["train"] = {"epochs": 0}
+    path = write_job(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    lines = info.value.lines
+    assert len(lines) == 4, lines
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    keys = {line[len(f"{path}: ") :].split(":")[0] for line in lines}
+    assert keys == {"lora.rnak", "lora.alpha", "model.dtype", "train.epochs"}
+    assert str(info.value).splitlines() == list(lines)
+
+
+# -- --set overrides ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("text", "path", "value"),
+    [
+        ("lora.target_modules=[o_proj, q_a_proj]", ("lora", "target_modules"), ["o_proj", "q_a_proj"]),
+        ("lora.target_parameters=[]", ("lora", "target_parameters"), []),
+        ("train.epochs=3", ("train", "epochs"), 3),
+        ("train.lr=0.0002", ("train", "lr"), 0.0002),
+        ("train.activation_checkpointing=false", ("train", "activation_checkpointing"), False),
+        ("resources.use_gpu=true", ("resources", "use_gpu"), True),
+        ("train.max_steps=null", ("train", "max_steps"), None),
+        ("model.path=builtin:tiny-mistral4", ("model", "path"), "builtin:tiny-mistral4"),
+        ("submit.env_vars={A: '1'}", ("submit", "env_vars"), {"A": "1"}),
+        ("name=with=equals", ("name",), "with=equals"),
+        ("model.tokenizer=", ("model", "tokenizer"), ""),
+    ],
+)
+def test_parse_override_reads_values_as_yaml(text: str, path: tuple[str, ...], value: Any) -> None:
+    got_path, got = parse_override(text)
+    assert got_path == path
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("text", ["train.lr", "=5", "lora.rank=[unclosed"])
+def test_parse_override_rejects_malformed(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_override(text)
+    assert len(info.value.lines) == 1 and repr(text) in info.value.lines[0]
+
+
+def test_apply_overrides_copies_and_creates_sections() -> None:
+    raw = minimal_raw()
+    before = json.dumps(raw, sort_keys=True)
+    out = apply_overrides(raw, ["lora.rank=4", "train.epochs=1", "data.train_files=[a.jsonl, b.jsonl]"])
+    assert json.dumps(raw, sort_keys=True) == before, "apply_overrides must not change its input"
+    assert out["lora"] == {"rank": 4} and out["train"] == {"epochs": 1}
+    assert out["data"]["train_files"] == ["a.jsonl", "b.jsonl"]
+    out["data"]["train_files"].append("c")
+    assert raw["data"]["train_files"] == ["rows.jsonl"]
+
+
+def test_load_job_applies_overrides(tmp_path: Path) -> None:
+    path = write_job(tmp_path, minimal_raw())
+    job = load_job(path, [
+        "lora.rank=4", "lora.target_modules=[o_proj]", "lora.target_parameters=[]",
+        "train.activation_checkpointing=false", "train.lr=1e-4",  # the CLI help's own example
+    ])
+    assert job.lora.rank == 4
+    assert job.lora.target_modules == ["o_proj"] and job.lora.target_parameters == []
+    assert job.train.activation_checkpointing is False
+    assert job.train.lr == pytest.approx(1e-4) and isinstance(job.train.lr, float)
+
+
+def test_errors_from_set_are_marked(tmp_path: Path) -> None:
+    raw = minimal_raw()
+    raw["model"]["dtype"] = "fp8"  # an error in the file itself: not marked
+    path = write_job(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_job(path, ["lora.rank=0", "lora.rnak=3"])
+    lines = set(info.value.lines)
+    assert f"{path}: lora.rank (from --set): Input should be greater than 0 (got 0)" in lines
+    assert f"{path}: lora.rnak (from --set): unknown key (did you mean lora.rank?)" in lines
+    dtype_line = next(line for line in lines if "model.dtype" in line)
+    assert "(from --set)" not in dtype_line
+    assert len(lines) == 3
+
+
+# -- unreadable files --------------------------------------------------------------------------------
+
+def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nmodel: {path: [unclosed\n  dtype: float32\n")
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    (line,) = info.value.lines
+    assert "\n" not in line and line.startswith(f"{path}: not valid YAML")
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_non_mapping_top_level_is_one_line(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    (line,) = info.value.lines
+    assert line.startswith(f"{path}: ") and "mapping" in line and "\n" not in line
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    assert info.value.lines == (f"{path}: no such job file",)
+
+
+# -- what crosses Ray process boundaries -------------------------------------------------------------
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_dump_job_round_trip(path: Path) -> None:
+    job = load_job(path, ["lora.rank=4"])
+    plain = dump_job(job)
+    # what a Ray worker receives: plain JSON types only, serialised and read back
+    received = json.loads(json.dumps(plain))
+    again = validate_raw(received, source="ray-worker")
+    assert again == job
+    assert dump_job(again) == plain
+    assert pickle.loads(pickle.dumps(job)) == job
+
+
+def test_config_error_pickles() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_raw({"name": "x", "lora": {"rnak": 1}}, source="job.yaml")
+    err = info.value
+    assert len(err.lines) > 1
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is ConfigError and isinstance(back, UserError)
+    assert back.lines == err.lines and str(back) == str(err) and back.exit_code == 2
+
+
+@pytest.mark.parametrize(("cls", "code"), [(UserError, 2), (PreflightRefused, 2), (InfraError, 3)])
+def test_error_taxonomy_pickles(cls: type, code: int) -> None:
+    back = pickle.loads(pickle.dumps(cls("first problem", "second problem")))
+    assert type(back) is cls and back.lines == ("first problem", "second problem") and back.exit_code == code
+
+
+# -- the CLI as a subprocess -------------------------------------------------------------------------
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-m", "fjordtune", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_validate_shipped_jobs() -> None:
+    res = run_cli("validate", *(str(p.relative_to(REPO)) for p in JOB_FILES))
+    assert res.returncode == 0, res.stderr
+    for p in JOB_FILES:
+        assert f"ok: {p.relative_to(REPO)}" in res.stdout
+
+
+def test_cli_validate_misspelled_key(tmp_path: Path) -> None:
+    text = (REPO / "jobs" / "demo.yaml").read_text()
+    assert "\n  rank:" in text
+    bad = tmp_path / "demo.yaml"
+    bad.write_text(text.replace("\n  rank:", "\n  rnak:", 1))
+    res = run_cli("validate", str(bad))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert f"error: {bad}: lora.rnak: unknown key (did you mean lora.rank?)" in res.stderr.splitlines()
+    assert "ok:" not in res.stdout
+
+
+def test_cli_validate_reports_all_files(tmp_path: Path) -> None:
+    good = REPO / "jobs" / "demo.yaml"
+    bad = write_job(tmp_path, {**minimal_raw(), "lora": {"rank": 0}})
+    missing = tmp_path / "missing.yaml"
+    res = run_cli("validate", str(good), str(bad), str(missing))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"ok: {good}" in res.stdout
+    errs = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert any(line.startswith(f"error: {bad}: lora.rank: ") for line in errs)
+    assert f"error: {missing}: no such job file" in errs
+
+
+def test_cli_set_errors_are_marked() -> None:
+    res = run_cli("validate", "jobs/demo.yaml", "--set", "lora.rank=0")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "error: jobs/demo.yaml: lora.rank (from --set): Input should be greater than 0 (got 0)" in res.stderr
+
+
+def test_cli_explain_lists_every_key() -> None:
+    res = run_cli("validate", "--explain")
+    assert res.returncode == 0, res.stderr
+    assert "lora.target_parameters" in res.stdout
+    missing = [p for p in all_key_paths() if p not in res.stdout]
+    assert not missing, f"--explain does not document {missing}"
+
+
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_cli_help(command: str | None) -> None:
+    res = run_cli(*([command] if command else []), "--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: fjordtune") and "Traceback" not in res.stderr
+    if command is None:
+        for sub in SUBCOMMANDS:
+            assert sub in res.stdout

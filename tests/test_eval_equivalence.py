@@ -1,0 +1,98 @@
+"""Our Ray Data scorer against lm-eval's own `hf` model: same model, same local NorEval data, same
+scores. Real lm-eval, real Ray (local), no mocks."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+import fjordtune
+
+ROOT = Path(fjordtune.__file__).resolve().parents[2]
+DATA = ROOT / "src" / "fjordtune" / "samples" / "noreval"
+TASKS = [
+    "norcommonsenseqa_nob_p0", "norcommonsenseqa_nno_p3", "noropenbookqa_nob_p1", "noropenbookqa_nno_p0",
+    "nortruthfulqa_mc_nob_p0", "nortruthfulqa_mc_nno_p2", "nrk_quiz_qa_nob_p0", "nrk_quiz_qa_nno_p4",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _evaluate(lm, *, num_fewshot):
+    import lm_eval.evaluator
+
+    from fjordtune.eval.noreval import build_task_dict
+    from fjordtune.eval.run import task_manager
+
+    task_dict = build_task_dict(TASKS, DATA, num_fewshot=num_fewshot, task_manager=task_manager())
+    return lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=0, log_samples=True)
+
+
+@pytest.mark.parametrize("num_fewshot", [0, 2])
+def test_ray_data_scores_equal_lm_eval_hf(ray_local, tiny_model_dir, num_fewshot):
+    from lm_eval.models.huggingface import HFLM
+
+    from fjordtune.eval.ray_lm import RayDataLM
+    from fjordtune.model.load import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    hf = HFLM(pretrained=load_causal_lm(str(tiny_model_dir), dtype="float32"), tokenizer=tok, batch_size=8)
+    ours = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, dtype="float32", num_workers=2, batch_size=16)
+    ref, got = _evaluate(hf, num_fewshot=num_fewshot), _evaluate(ours, num_fewshot=num_fewshot)
+    assert ours.num_scored > 0
+    for task in TASKS:
+        for metric in ("acc,none", "acc_norm,none"):
+            assert (metric in ref["results"][task]) == (metric in got["results"][task])
+            if metric in ref["results"][task]:
+                assert got["results"][task][metric] == ref["results"][task][metric], (task, metric)
+        # per-request log-likelihoods, not just the accuracies
+        ref_ll = [r[0] for s in ref["samples"][task] for r in s["resps"]]
+        got_ll = [r[0] for s in got["samples"][task] for r in s["resps"]]
+        assert len(ref_ll) == len(got_ll) > 0
+        assert max(abs(float(a[0]) - float(b[0])) for a, b in zip(ref_ll, got_ll)) < 1e-3
+
+
+def test_summarize_reports_acc_acc_norm_n_and_chance(ray_local, tiny_model_dir):
+    from fjordtune.eval.noreval import chance_level
+    from fjordtune.eval.ray_lm import RayDataLM
+    from fjordtune.eval.run import leaf_tasks, summarize, task_manager
+    from fjordtune.eval.noreval import build_task_dict
+    from fjordtune.model.load import load_tokenizer
+
+    import lm_eval.evaluator
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    lm = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, dtype="float32", num_workers=1, batch_size=32)
+    task_dict = build_task_dict(TASKS, DATA, num_fewshot=0, task_manager=task_manager())
+    raw = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=0, log_samples=False)
+    res = summarize(raw, leaf_tasks(task_dict), chance_fn=chance_level)
+    assert set(res["tasks"]) == set(TASKS)
+    for name, entry in res["tasks"].items():
+        assert entry["n"] > 0 and 0 <= entry["acc"] <= 1
+        assert ("acc_norm" in entry) == ("truthfulqa" not in name)
+        assert 0 < entry["chance"] < 1
+    json.dumps(res, allow_nan=False)  # strict JSON: no NaN sneaks into results.json
+
+
+def test_chance_warning_fires_on_a_model_at_chance():
+    from fjordtune.eval.run import summarize
+
+    raw = {"results": {"t": {"acc,none": 0.24}}, "n-samples": {"t": {"effective": 400}}}
+    res = summarize(raw, {"t": object()}, chance_fn=lambda task: 0.25)
+    assert res["warnings"] and "below chance" in res["warnings"][0]
+    raw["results"]["t"]["acc,none"] = 0.6
+    assert not summarize(raw, {"t": object()}, chance_fn=lambda task: 0.25)["warnings"]

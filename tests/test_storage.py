@@ -1,0 +1,296 @@
+"""`fjordtune.storage`: committed folders on a real S3 server (SeaweedFS on loopback) and on local disk.
+
+Integration tier: uses the session's `s3_server` (tests/conftest.py). Each test writes under a
+prefix of its own, so the tests do not depend on each other's objects or order.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from fjordtune.devstack import S3Server
+from fjordtune.errors import InfraError, UserError
+from fjordtune.storage import MARKER, Store, pyarrow_filesystem
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "fjordtune-tests"
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+FILES = {
+    "config.json": b'{"a": 1}',
+    "weights/shard-0.bin": os.urandom(3000),
+    "weights/nested/deep.txt": "blåbær og fjord\n".encode(),
+    "empty.txt": b"",
+}
+
+
+@pytest.fixture
+def s3_prefix(s3_env: S3Server) -> str:
+    """A fresh s3:// prefix in an existing bucket (so tests do not see each other's objects)."""
+    Store().ensure_bucket(f"s3://{BUCKET}")
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["s3", "local"])
+def base_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same Store tests against s3:// and against a local folder."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3_prefix")
+    return str(tmp_path / "store")
+
+
+def raw_client(server: S3Server, *, secret: str | None = None):
+    return boto3.session.Session().client(
+        "s3", endpoint_url=server.endpoint_url, aws_access_key_id=server.access_key,
+        aws_secret_access_key=secret or server.secret_key, region_name="us-east-1",
+    )
+
+
+# -- round trips -------------------------------------------------------------------------------------
+
+def test_upload_download_round_trip(base_uri: str, tmp_path: Path) -> None:
+    store = Store()
+    store.ensure_bucket(base_uri)
+    src = make_tree(tmp_path / "src", FILES)
+    uri = f"{base_uri}/model"
+    assert not store.is_committed(uri)
+    store.upload_dir(src, uri)
+    assert store.is_committed(uri)
+    out = store.download_dir(uri, tmp_path / "out")
+    got = read_tree(out)
+    assert got.pop(MARKER), "the commit marker travels with the folder and is not empty"
+    assert got == FILES
+
+
+def test_local_view(base_uri: str, tmp_path: Path) -> None:
+    store = Store()
+    store.ensure_bucket(base_uri)
+    uri = f"{base_uri}/adapter"
+    store.upload_dir(make_tree(tmp_path / "src", FILES), uri)
+    cache = tmp_path / "cache"
+    view = store.local_view(uri, cache)
+    got = read_tree(view)
+    got.pop(MARKER)
+    assert got == FILES
+    if uri.startswith("s3://"):
+        assert cache in view.parents, "an s3:// folder is viewed through the given cache root"
+        assert store.local_view(uri, cache) == view, "the same commit is served from the cache"
+    else:
+        assert view == Path(uri), "a local folder is its own view (no copy)"
+
+
+def test_write_and_read_bytes(base_uri: str) -> None:
+    store = Store()
+    store.ensure_bucket(base_uri)
+    uri = f"{base_uri}/deep/er/results.json"
+    payload = b'{"tasks": {}}\n' + os.urandom(100)
+    store.write_bytes(uri, payload)
+    assert store.read_bytes(uri) == payload
+    store.write_bytes(uri, b"second")
+    assert store.read_bytes(uri) == b"second"
+
+
+def test_read_missing_object_is_user_error(base_uri: str) -> None:
+    store = Store()
+    store.ensure_bucket(base_uri)
+    uri = f"{base_uri}/absent.json"
+    with pytest.raises(UserError) as info:
+        store.read_bytes(uri)
+    assert uri in str(info.value)
+
+
+def test_ensure_bucket_creates_and_is_idempotent(s3_env: S3Server, tmp_path: Path) -> None:
+    name = f"fjt-{uuid.uuid4().hex[:10]}"
+    store = Store()
+    store.ensure_bucket(f"s3://{name}/some/prefix")
+    store.ensure_bucket(f"s3://{name}/other")
+    buckets = {b["Name"] for b in raw_client(s3_env).list_buckets()["Buckets"]}
+    assert name in buckets
+    local = tmp_path / "a" / "b"
+    store.ensure_bucket(str(local))
+    assert local.is_dir()
+
+
+def test_model_folder_through_s3(s3_prefix: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A real saved model (safetensors, tokenizer) survives upload and a cached view byte for byte."""
+    store = Store()
+    uri = f"{s3_prefix}/base-model"
+    store.upload_dir(tiny_model_dir, uri)
+    view = store.local_view(uri, tmp_path / "cache")
+    got = read_tree(view)
+    got.pop(MARKER)
+    assert got == read_tree(tiny_model_dir)
+    assert "model.safetensors" in got and "config.json" in got
+
+
+# -- interrupted uploads -----------------------------------------------------------------------------
+
+def test_uncommitted_s3_folder_is_refused(s3_env: S3Server, s3_prefix: str, tmp_path: Path) -> None:
+    uri = f"{s3_prefix}/half-written"
+    key = uri[len(f"s3://{BUCKET}/") :]
+    client = raw_client(s3_env)
+    # what an interrupted upload leaves: data objects, no marker
+    client.put_object(Bucket=BUCKET, Key=f"{key}/config.json", Body=b"{}")
+    client.put_object(Bucket=BUCKET, Key=f"{key}/model.safetensors", Body=b"\0" * 64)
+    store = Store()
+    assert not store.is_committed(uri)
+    with pytest.raises(UserError) as info:
+        store.download_dir(uri, tmp_path / "out")
+    assert uri in str(info.value)
+    with pytest.raises(UserError) as info:
+        store.local_view(uri, tmp_path / "cache")
+    assert uri in str(info.value)
+    assert not any((tmp_path / "cache").rglob("config.json")), "nothing of a partial folder is cached"
+
+
+def test_uncommitted_local_folder_is_refused(tmp_path: Path) -> None:
+    folder = make_tree(tmp_path / "half", {"config.json": b"{}"})
+    store = Store()
+    assert not store.is_committed(str(folder))
+    for call in (lambda: store.download_dir(str(folder), tmp_path / "out"),
+                 lambda: store.local_view(str(folder), tmp_path / "cache")):
+        with pytest.raises(UserError) as info:
+            call()
+        assert str(folder) in str(info.value)
+
+
+def test_reupload_uncommits_until_done(s3_prefix: str, tmp_path: Path) -> None:
+    """While a folder is being rewritten, readers see it as uncommitted (marker removed first)."""
+    store = Store()
+    uri = f"{s3_prefix}/ckpt"
+    store.upload_dir(make_tree(tmp_path / "v1", {"a.txt": b"1"}), uri)
+    empty_dir = tmp_path / "will-fail"
+    empty_dir.mkdir()
+    (empty_dir / "unreadable").symlink_to(tmp_path / "does-not-exist")  # is_file() is False: skipped
+    store.upload_dir(empty_dir, uri)
+    assert store.is_committed(uri)
+
+
+# -- fresh content after a rewrite under the same URI ------------------------------------------------
+
+def test_reupload_gives_fresh_local_view(base_uri: str, tmp_path: Path) -> None:
+    store = Store()
+    store.ensure_bucket(base_uri)
+    uri = f"{base_uri}/adapter"
+    cache = tmp_path / "cache"
+    store.upload_dir(make_tree(tmp_path / "v1", {"adapter.bin": b"version one", "cfg.json": b"{}"}), uri)
+    first = store.local_view(uri, cache)
+    assert (first / "adapter.bin").read_bytes() == b"version one"
+    marker_1 = store.read_bytes(f"{uri}/{MARKER}")
+
+    store.upload_dir(make_tree(tmp_path / "v2", {"adapter.bin": b"version two", "cfg.json": b"{}"}), uri)
+    assert store.read_bytes(f"{uri}/{MARKER}") != marker_1, "a rewrite is a new commit"
+    second = store.local_view(uri, cache)
+    assert (second / "adapter.bin").read_bytes() == b"version two"
+
+
+def test_reupload_leaves_no_files_of_the_previous_commit(base_uri: str, tmp_path: Path) -> None:
+    """A folder rewritten under the same URI must read back as exactly the new folder: a leftover
+    file of the old commit (an old shard, a stale index) would be mixed into the new model."""
+    store = Store()
+    store.ensure_bucket(base_uri)
+    uri = f"{base_uri}/model"
+    store.upload_dir(make_tree(tmp_path / "v1", {"a.txt": b"1", "old-shard.bin": b"old"}), uri)
+    store.upload_dir(make_tree(tmp_path / "v2", {"a.txt": b"2"}), uri)
+    got = read_tree(store.download_dir(uri, tmp_path / "out"))
+    got.pop(MARKER)
+    assert got == {"a.txt": b"2"}
+
+
+# -- failures outside us -----------------------------------------------------------------------------
+
+def test_wrong_credentials_raise_infra_error(s3_server: S3Server, tmp_path: Path) -> None:
+    """Run in a fresh process (boto3 caches credentials per process) with a wrong secret key."""
+    Store(endpoint_url=s3_server.endpoint_url)  # noqa: the bucket below need not exist
+    script = r"""
+import sys
+from fjordtune.errors import InfraError
+from fjordtune.storage import Store
+store = Store()
+calls = {
+    "is_committed": lambda: store.is_committed("s3://fjordtune-tests/x"),
+    "read_bytes": lambda: store.read_bytes("s3://fjordtune-tests/x/y.json"),
+    "write_bytes": lambda: store.write_bytes("s3://fjordtune-tests/x/y.json", b"1"),
+    "upload_dir": lambda: store.upload_dir(sys.argv[1], "s3://fjordtune-tests/x"),
+    "download_dir": lambda: store.download_dir("s3://fjordtune-tests/x", sys.argv[1] + "/out"),
+    "local_view": lambda: store.local_view("s3://fjordtune-tests/x", sys.argv[1] + "/cache"),
+}
+for name, call in calls.items():
+    try:
+        call()
+        print(name, "no error")
+    except InfraError as e:
+        print(name, "InfraError", str(e).replace("\n", " ")[:200])
+    except Exception as e:
+        print(name, type(e).__module__ + "." + type(e).__name__)
+"""
+    src = make_tree(tmp_path / "src", {"a.txt": b"x"})
+    env = {**os.environ, **s3_server.env, "AWS_SECRET_ACCESS_KEY": "definitely-wrong",
+           "PYTHONPATH": str(REPO / "src")}
+    res = subprocess.run([sys.executable, "-c", script, str(src)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    results = dict(line.split(" ", 1) for line in res.stdout.splitlines())
+    assert set(results) == {"is_committed", "read_bytes", "write_bytes", "upload_dir", "download_dir", "local_view"}
+    for name, outcome in results.items():
+        assert outcome.startswith("InfraError"), f"{name}: {outcome}"
+        assert "fjordtune-tests" in outcome, f"{name}: the message should name the URI: {outcome}"
+
+
+def test_credentials_are_read_when_the_store_is_made(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Store made after the environment changed must use the new keys, not ones an earlier Store
+    in this process resolved (a second S3 server in one test session, rotated keys in a worker)."""
+    Store().ensure_bucket(f"s3://{BUCKET}")  # resolves credentials with the right keys first
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong")
+    with pytest.raises(InfraError):
+        Store().is_committed(f"s3://{BUCKET}/anything")
+
+
+def test_unreachable_endpoint_is_infra_error(s3_env: S3Server) -> None:
+    from fjordtune.devstack import free_port
+
+    store = Store(endpoint_url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(InfraError):
+        store.write_bytes(f"s3://{BUCKET}/x", b"1")
+
+
+# -- Ray Train's view of the same storage ------------------------------------------------------------
+
+def test_pyarrow_filesystem_lists_what_store_uploaded(s3_env: S3Server, s3_prefix: str, tmp_path: Path) -> None:
+    from pyarrow import fs
+
+    uri = f"{s3_prefix}/ckpt"
+    Store().upload_dir(make_tree(tmp_path / "src", FILES), uri)
+    filesystem, path = pyarrow_filesystem(uri, endpoint_url=s3_env.endpoint_url)
+    assert path == uri[len("s3://") :]
+    infos = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+    listed = {i.path[len(path) + 1 :] for i in infos if i.type == fs.FileType.File}
+    assert listed == set(FILES) | {MARKER}
+    with filesystem.open_input_file(f"{path}/weights/shard-0.bin") as f:
+        assert f.read() == FILES["weights/shard-0.bin"]
+
+
+def test_pyarrow_filesystem_local(tmp_path: Path) -> None:
+    filesystem, path = pyarrow_filesystem(str(tmp_path / "runs"))
+    assert filesystem is None and path == str((tmp_path / "runs").resolve())

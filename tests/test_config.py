@@ -323,7 +323,7 @@ def test_error_taxonomy_pickles(cls: type, code: int) -> None:
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "fjordtune", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_cli_validate_shipped_jobs() -> None:

@@ -175,18 +175,6 @@ def test_uncommitted_local_folder_is_refused(tmp_path: Path) -> None:
         assert str(folder) in str(info.value)
 
 
-def test_reupload_uncommits_until_done(s3_prefix: str, tmp_path: Path) -> None:
-    """While a folder is being rewritten, readers see it as uncommitted (marker removed first)."""
-    store = Store()
-    uri = f"{s3_prefix}/ckpt"
-    store.upload_dir(make_tree(tmp_path / "v1", {"a.txt": b"1"}), uri)
-    empty_dir = tmp_path / "will-fail"
-    empty_dir.mkdir()
-    (empty_dir / "unreadable").symlink_to(tmp_path / "does-not-exist")  # is_file() is False: skipped
-    store.upload_dir(empty_dir, uri)
-    assert store.is_committed(uri)
-
-
 # -- fresh content after a rewrite under the same URI ------------------------------------------------
 
 def test_reupload_gives_fresh_local_view(base_uri: str, tmp_path: Path) -> None:
@@ -222,7 +210,6 @@ def test_reupload_leaves_no_files_of_the_previous_commit(base_uri: str, tmp_path
 
 def test_wrong_credentials_raise_infra_error(s3_server: S3Server, tmp_path: Path) -> None:
     """Run in a fresh process (boto3 caches credentials per process) with a wrong secret key."""
-    Store(endpoint_url=s3_server.endpoint_url)  # noqa: the bucket below need not exist
     script = r"""
 import sys
 from fjordtune.errors import InfraError
@@ -249,7 +236,7 @@ for name, call in calls.items():
     env = {**os.environ, **s3_server.env, "AWS_SECRET_ACCESS_KEY": "definitely-wrong",
            "PYTHONPATH": str(REPO / "src")}
     res = subprocess.run([sys.executable, "-c", script, str(src)], env=env, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     results = dict(line.split(" ", 1) for line in res.stdout.splitlines())
     assert set(results) == {"is_committed", "read_bytes", "write_bytes", "upload_dir", "download_dir", "local_view"}

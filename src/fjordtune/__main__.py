@@ -1,7 +1,5 @@
 """`python -m fjordtune` = the `fjordtune` command (what `ray job submit` entrypoints call)."""
 
-import sys
+from fjordtune.cli import entry
 
-from fjordtune.cli import main
-
-sys.exit(main())
+entry()

@@ -89,7 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray dashboard address, e.g. http://127.0.0.1:8265")
     p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
     p.add_argument("--skip-preflight", action="store_true", help="submit even if the estimate says it will not fit")
+    p.add_argument("--output-dir", metavar="DIR", help="local output folder of the run on the cluster's driver node")
     return parser
+
+
+def entry() -> None:
+    """The console script: like `main`, and a closed pipe (`fjordtune validate --explain | head`) ends quietly."""
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +209,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from fjordtune.submit import submit
 
     return submit(args.job, overrides=args.overrides, address=args.address, wait=not args.no_wait,
-                  skip_preflight=args.skip_preflight)
+                  skip_preflight=args.skip_preflight, output_dir=args.output_dir)
 
 
 COMMANDS = {

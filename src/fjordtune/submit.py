@@ -17,15 +17,17 @@ from fjordtune.errors import InfraError, UserError
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
-def entrypoint(job_path: str, overrides: list[str]) -> str:
+def entrypoint(job_path: str, overrides: list[str], output_dir: str | None = None) -> str:
     parts = ["python", "-m", "fjordtune", "run", job_path]
+    if output_dir:
+        parts += ["--output-dir", output_dir]
     for o in overrides:
         parts += ["--set", o]
     return shlex.join(parts)
 
 
 def submit(job_path: str, *, overrides: list[str], address: str | None, wait: bool = True,
-           skip_preflight: bool = False) -> int:
+           skip_preflight: bool = False, output_dir: str | None = None) -> int:
     job = load_job(job_path, overrides)
     if not skip_preflight:
         from fjordtune.pipeline import preflight
@@ -45,7 +47,7 @@ def submit(job_path: str, *, overrides: list[str], address: str | None, wait: bo
         runtime_env["pip"] = list(job.submit.pip)
     if job.submit.env_vars:
         runtime_env["env_vars"] = dict(job.submit.env_vars)
-    sub_id = client.submit_job(entrypoint=entrypoint(job_path, overrides), runtime_env=runtime_env,
+    sub_id = client.submit_job(entrypoint=entrypoint(job_path, overrides, output_dir), runtime_env=runtime_env,
                                metadata={"fjordtune_job": job.name})
     print(f"submitted {sub_id} to {address}; dashboard: {address.rstrip('/')}/#/jobs/{sub_id}", flush=True)
     if not wait:

@@ -114,6 +114,11 @@ def nearest_key(loc: Sequence[str]) -> str | None:
         model = sub
     names = list(model.model_fields)
     prefix = ".".join(loc[:-1])
+    if len(loc) <= 2:  # the exact key in another section beats a near spelling in this one
+        for sec_name, field in JobSpec.model_fields.items():
+            sub = _model_of(field.annotation)
+            if sub is not None and loc[-1] in sub.model_fields and (len(loc) == 1 or sec_name != loc[0]):
+                return f"{sec_name}.{loc[-1]}"
     close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.5)
     if not close and len(loc) <= 2:
         # a key placed in the wrong section: look for it (or a near spelling) in the other sections

@@ -21,6 +21,8 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
+    """The base model to adapt."""
+
     path: str = Field(
         description="Base model: a local folder, an s3:// URI of a saved folder, a hub id, or "
         "`builtin:<preset>` (a random-init model built from a config, e.g. builtin:tiny-mistral4)."
@@ -36,6 +38,8 @@ class ModelSection(Section):
 
 
 class LoraSection(Section):
+    """LoRA adapter: rank, scale and what it wraps."""
+
     rank: int = Field(default=32, gt=0, description="LoRA rank r.")
     alpha: float = Field(default=64, gt=0, description="LoRA alpha (scale = alpha / rank).")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -58,6 +62,8 @@ class LoraSection(Section):
 
 
 class DataSection(Section):
+    """Instruction-tuning data."""
+
     train_files: list[str] = Field(
         min_length=1,
         description="JSON-lines files of chat rows {messages: [{role, content}, ...]}; local paths or s3:// URIs.",
@@ -70,6 +76,8 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
+    """Optimisation, activation checkpointing and resumable checkpoints."""
+
     epochs: int = Field(default=2, gt=0, description="Passes over the training data.")
     lr: float = Field(default=5e-5, gt=0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay on adapter weights.")
@@ -88,6 +96,8 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
+    """lm-eval tasks scored through Ray Data (base and tuned)."""
+
     tasks: list[str] = Field(
         min_length=1,
         description="lm-eval task names, e.g. nrk_quiz_qa_nob_p0; shell-style patterns such as "
@@ -111,6 +121,8 @@ class EvalSection(Section):
 
 
 class StorageSection(Section):
+    """Where models, checkpoints, adapters and reports are stored."""
+
     uri: str = Field(description="Where runs live: s3://bucket/prefix or a local folder.")
     endpoint_url: str | None = Field(
         default=None, description="S3 endpoint for non-AWS stores; default: the AWS_ENDPOINT_URL environment variable."
@@ -125,6 +137,8 @@ class StorageSection(Section):
 
 
 class ResourcesSection(Section):
+    """Workers and accelerator memory (used by the preflight check)."""
+
     num_workers: int = Field(default=2, gt=0, description="Training workers (one per GPU).")
     use_gpu: bool = Field(default=False, description="Train and evaluate on GPUs (NCCL) instead of CPUs (gloo).")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs reserved per worker.")
@@ -137,12 +151,16 @@ class ResourcesSection(Section):
 
 
 class TelemetrySection(Section):
+    """GPU telemetry (NVML) and Ray metrics."""
+
     nvml: bool = Field(default=True, description="Sample GPU utilisation and memory with NVML (skipped without GPUs).")
     interval_s: float = Field(default=5.0, gt=0, description="Seconds between samples.")
     ray_metrics: bool = Field(default=True, description="Export samples and training metrics as Ray metrics.")
 
 
 class SubmitSection(Section):
+    """How `fjordtune submit` sends the job to a Ray cluster."""
+
     address: str | None = Field(
         default=None, description="Ray dashboard address (http://host:8265); default: RAY_ADDRESS."
     )
@@ -156,6 +174,8 @@ class SubmitSection(Section):
 
 
 class JobSpec(Section):
+    """A fjordtune job file."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name; storage path <uri>/<name>.")
     model: ModelSection
     lora: LoraSection = Field(default_factory=LoraSection)

@@ -24,6 +24,10 @@ def read_rows(paths: Sequence[str], *, store: Any = None) -> list[dict[str, Any]
     rows = []
     for path in paths:
         if path.startswith("s3://"):
+            if store is None:
+                from fjordtune.storage import Store
+
+                store = Store()
             text = store.read_bytes(path).decode("utf-8")
         else:
             try:

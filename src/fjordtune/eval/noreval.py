@@ -259,8 +259,21 @@ def build_task_dict(
     loaded = task_manager.load({"group": _WRAPPER_GROUP, "task": overrides})
     tasks = {name: loaded["tasks"][name] for name in names}
 
+    apply_fewshot(tasks, num_fewshot, seed=fewshot_seed)
+    return {"tasks": tasks, "groups": {}, "group_map": {}}
+
+
+def apply_fewshot(tasks: dict[str, Task], num_fewshot: int | None, *, seed: int | None = DEFAULT_FEWSHOT_SEED) -> None:
+    """Set few-shot counts the way `simple_evaluate` does, keeping NorEval's fixed 0-shot tasks at 0,
+    and seed the few-shot sampler so the examples are the same on every run."""
     for name, task in tasks.items():
-        family = parse_task_name(name).family
+        task.set_fewshot_seed(seed=seed)
+        try:
+            family = parse_task_name(name).family
+        except UserError:  # not a NorEval task: apply the count as given
+            if num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            continue
         if num_fewshot is None:
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
@@ -276,9 +289,6 @@ def build_task_dict(
                     name,
                     family.scored_split,
                 )
-        task.set_fewshot_seed(seed=fewshot_seed)
-    return {"tasks": tasks, "groups": {}, "group_map": {}}
-
 
 def chance_level(task: Task, *, limit: int | None = None) -> float:
     """Expected accuracy of guessing uniformly at random: the mean of 1/num_choices over the task's docs.

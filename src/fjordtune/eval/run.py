@@ -69,12 +69,10 @@ def build_tasks(job: JobSpec) -> tuple[list[str], Any]:
 
         task_dict = build_task_dict(names, job.eval.data_dir, num_fewshot=job.eval.num_fewshot, task_manager=tm)
     else:
-        from lm_eval.tasks import get_task_dict
+        from fjordtune.eval.noreval import apply_fewshot
 
-        task_dict = get_task_dict(names, tm)
-        if job.eval.num_fewshot is not None:
-            for task in leaf_tasks(task_dict).values():
-                task.set_config(key="num_fewshot", value=job.eval.num_fewshot)
+        task_dict = tm.load(names)
+        apply_fewshot(leaf_tasks(task_dict), job.eval.num_fewshot)
     return names, task_dict
 
 

@@ -19,9 +19,24 @@ BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
-def builtin_config(preset: str, *, vocab_size: int) -> Any:
-    """The transformers config of a builtin preset (random init, for demos and tests)."""
+BUILTIN_PRESETS = {
+    "tiny-mistral4": "Mistral4 at toy width (hidden 64, 2 layers, 4 experts): demos and tests",
+    "mistral-small-4": "the real Mistral Small 4 dimensions (119B); config only, for preflight",
+}
+MAX_BUILTIN_WEIGHTS = 10**9  # presets larger than this are configs for preflight, never built
+
+
+def builtin_config(preset: str, *, vocab_size: int | None = None) -> Any:
+    """The transformers config of a builtin preset (random init for small ones, config-only for big)."""
+    if preset == "mistral-small-4":
+        from transformers import Mistral4Config
+
+        # transformers' defaults are the released model's text config (vocab 131072, hidden 4096,
+        # 36 layers, MLA, 128 experts top-4, one shared expert), checked in tests against FIELD-NOTES
+        return Mistral4Config(architectures=["Mistral4ForCausalLM"])
     if preset == "tiny-mistral4":
+        if vocab_size is None:
+            raise ValueError("tiny-mistral4 takes its vocab size from the tokenizer")
         from transformers import Mistral4Config
 
         # Mistral Small 4's architecture (MLA attention, fused routed experts, one shared expert,
@@ -52,7 +67,8 @@ def builtin_config(preset: str, *, vocab_size: int) -> Any:
             rope_parameters=rope,
             tie_word_embeddings=False,
         )
-    raise UserError(f"builtin:{preset}: unknown preset (known: tiny-mistral4)")
+    known = ", ".join(f"builtin:{k} ({v})" for k, v in BUILTIN_PRESETS.items())
+    raise UserError(f"builtin:{preset}: unknown preset; known: {known}")
 
 
 def causal_lm_class(config: Any) -> type:
@@ -93,8 +109,15 @@ def save_builtin(preset: str, out_dir: str | Path, *, seed: int) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer("builtin:demo")
     cfg = builtin_config(preset, vocab_size=len(tok))
+    if cfg.vocab_size != len(tok):
+        raise UserError(f"builtin:{preset}: its vocabulary does not match the shipped demo tokenizer")
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     cfg.architectures = [causal_lm_class(cfg).__name__]
+    with torch.device("meta"):
+        size = sum(p.numel() for p in causal_lm_class(cfg)(cfg).parameters())
+    if size > MAX_BUILTIN_WEIGHTS:
+        raise UserError(f"builtin:{preset} has {size / 1e9:.0f}B parameters: it is a config for preflight, "
+                        "not a model to build; point model.path at real weights")
     torch.manual_seed(seed)
     model = causal_lm_class(cfg)(cfg)
     model.save_pretrained(out_dir)

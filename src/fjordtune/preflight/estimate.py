@@ -1,4 +1,4 @@
-"""Analytic per-GPU memory estimate for LoRA + FSDP2 training: a pure function of numbers.
+"""Analytic per-worker (per-GPU) memory estimate for LoRA + FSDP2 training: a pure function of numbers.
 
 The model follows what a live-tensor tracker (FSDPMemTracker under a fake process group) sees on
 the full Mistral Small 4, and adds what it cannot see (CUDA context, NCCL, fragmentation) as
@@ -82,21 +82,21 @@ class MemoryEstimate:
     def table(self) -> str:
         ckpt = "on" if self.activation_checkpointing else "off"
         lines = [
-            f"per-GPU memory estimate: {_gib(self.total_bytes)} GiB ({self.total_bytes / GB:.1f} GB) at "
-            f"{self.num_workers} workers, {self.seq_len} tokens x micro-batch {self.micro_batch_size}, "
-            f"activation checkpointing {ckpt}",
+            (f"per-worker memory estimate: {_size(self.total_bytes)} ({self.total_bytes / GB:.1f} GB) at "
+             f"{self.num_workers} workers, {self.seq_len} tokens x micro-batch {self.micro_batch_size}, "
+             f"activation checkpointing {ckpt}"),
             f"peak at: {self.peak_moment}; live tensors at each moment: "
-            + ", ".join(f"{name} {_gib(b)}" for name, b in self.moments) + " GiB",
-            f"  {'term':<34} {'GiB':>8}  what",
+            + ", ".join(f"{name} {_size(b)}" for name, b in self.moments),
+            f"  {'term':<36} {'size':>10}  what",
         ]
         for t in self.terms:
             if t.live:
-                lines.append(f"  {t.label:<34} {_gib(t.bytes):>8}  {t.explanation}")
-        lines.append(f"  {'= live tensors':<34} {_gib(self.live_bytes):>8}  comparable to a traced (fake-PG) estimate")
+                lines.append(f"  {t.label:<36} {_size(t.bytes):>10}  {t.explanation}")
+        lines.append(f"  {'= live tensors':<36} {_size(self.live_bytes):>10}  comparable to a traced (fake-PG) estimate")
         for t in self.terms:
             if not t.live:
-                lines.append(f"  {t.label:<34} {_gib(t.bytes):>8}  {t.explanation}")
-        lines.append(f"  {'= total':<34} {_gib(self.total_bytes):>8}")
+                lines.append(f"  {t.label:<36} {_size(t.bytes):>10}  {t.explanation}")
+        lines.append(f"  {'= total':<36} {_size(self.total_bytes):>10}")
         return "\n".join(lines)
 
 
@@ -126,6 +126,8 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
         raise ValueError(f"optimizer {optimizer!r} unknown; known: {', '.join(OPTIMIZER_STATES)}")
     if num_gathered_layers_forward < 1 or num_gathered_layers_backward < 1:
         raise ValueError("at least one gathered layer copy is needed in forward and in backward")
+    if runtime_overhead_bytes < 0 or fragmentation_fraction < 0:
+        raise ValueError("runtime_overhead_bytes and fragmentation_fraction must not be negative")
     w, pb, ab = num_workers, param_bytes, adapter_bytes
     tokens = seq_len * micro_batch_size
     groups = counts.layer_groups
@@ -145,23 +147,23 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
     num_states = OPTIMIZER_STATES[optimizer]
     persistent = [
         MemoryTerm("frozen_params_sharded", "frozen params, sharded", frozen_sharded,
-                   f"{counts.total_params / 1e9:.2f}B x {pb} B / {w} workers{pad_note}: "
-                   f"{_gib(frozen_sharded - naive, 2)} GiB over params/{w}"),
+                   f"{_count(counts.total_params)} x {pb} B / {w} workers{pad_note}: "
+                   f"{_size(frozen_sharded - naive, 2)} over params/{w}"),
         MemoryTerm("lora_params_sharded", "LoRA params, sharded", lora_sharded,
-                   f"{counts.lora_params / 1e6:.1f}M adapter params x {ab} B / {w}"),
+                   f"{_count(counts.lora_params)} adapter params x {ab} B / {w}"),
         MemoryTerm("optimizer_states", f"{optimizer} states, sharded", num_states * lora_sharded,
                    f"{num_states} state(s) per adapter param, {ab} B each, sharded like the params"),
     ]
     root_full = w * (_shard_bytes(counts.root_param_shapes, w, pb) + _shard_bytes(counts.root_lora_shapes, w, ab))
     root_params = counts.embedding_params + counts.lm_head_params + counts.other_root_params
     root = MemoryTerm("root_params_unsharded", "root params, unsharded", root_full,
-                      f"embedding + lm_head + final norm ({root_params / 1e9:.2f}B x {pb} B) stay gathered "
+                      f"embedding + lm_head + final norm ({_count(root_params)} x {pb} B) stay gathered "
                       "on the FSDP root from its forward to the end of backward")
     layer_full = _layer_full_bytes(big, w, pb, ab)
 
     def gathered(n: int, why: str) -> MemoryTerm:
         return MemoryTerm("gathered_layers", f"gathered decoder layers x{n}", n * layer_full,
-                          f"{n} unsharded copies of the largest layer ({_gib(layer_full, 2)} GiB with padding "
+                          f"{n} unsharded copies of the largest layer ({_size(layer_full, 2)} with padding "
                           f"and adapters): {why}")
 
     lora_grad_full = w * _shard_bytes(big.lora_shapes, w, ab)
@@ -210,8 +212,8 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
     merged_grad = MemoryTerm("expert_lora_merged_grad", "gradient of a merged expert stack", grad_extra,
                              "grouped_mm's gradient w.r.t. W+BA, before it is reduced to the LoRA factors")
     logits_loss = MemoryTerm("logits", "logits and loss buffers", tokens * counts.vocab_size * (2 * pb + 2 * FP32),
-                             f"{tokens} x vocab {counts.vocab_size}: bf16 logits, fp32 upcast, fp32 log-probs "
-                             "and the bf16 gradient")
+                             f"{tokens} x vocab {counts.vocab_size}: {_dtype(pb)} logits, fp32 upcast, fp32 "
+                             f"log-probs and the {_dtype(pb)} gradient")
     logits_kept = MemoryTerm("logits", "logits held by the model output", logits_bf16,
                              f"{tokens} x vocab {counts.vocab_size} x {pb} B, referenced until the step ends")
 
@@ -308,45 +310,47 @@ def min_workers(counts: ParamCounts, *, capacity_bytes: int, max_workers: int,
 
 
 def explain_refusal(counts: ParamCounts, *, num_workers: int, capacity_bytes: int, max_workers: int,
-                    headroom_fraction: float = DEFAULT_HEADROOM_FRACTION, **kwargs: Any) -> str:
+                    headroom_fraction: float = DEFAULT_HEADROOM_FRACTION, unit: str = "GPU", **kwargs: Any) -> str:
     """One message with the numbers and the fixes that would work.
 
     e.g. "needs 78.4 GiB per GPU at 6 GPUs, has 79.6 GiB with 10% headroom (71.7 GiB usable); ...;
     fits at 7 GPUs (61.2 GiB); or enable activation checkpointing (59.3 GiB at 6 GPUs)".
+    `unit` names a worker in the message ("GPU", or "CPU worker" for CPU runs).
     """
     est = estimate_memory(counts, num_workers=num_workers, **kwargs)
     usable = usable_bytes(capacity_bytes, headroom_fraction)
-    head = (f"needs {_gib(est.total_bytes)} GiB per GPU at {num_workers} GPUs, has {_gib(capacity_bytes)} GiB "
-            f"with {headroom_fraction:.0%} headroom ({_gib(usable)} GiB usable)")
+    units = unit + "s"
+    head = (f"needs {_size(est.total_bytes)} per {unit} at {num_workers} {units}, has {_size(capacity_bytes)} "
+            f"with {headroom_fraction:.0%} headroom ({_size(usable)} usable)")
     if est.total_bytes <= usable:
         return f"fits: {head}"
     top = sorted((t for t in est.terms if t.live), key=lambda t: -t.bytes)[:3]
-    parts = [head, "largest terms: " + ", ".join(f"{t.label} {_gib(t.bytes)} GiB" for t in top)]
+    parts = [head, "largest terms: " + ", ".join(f"{t.label} {_size(t.bytes)}" for t in top)]
     fixes = []
     w = min_workers(counts, capacity_bytes=capacity_bytes, max_workers=max_workers,
                     headroom_fraction=headroom_fraction, **kwargs)
     if w is not None:
-        fixes.append(f"fits at {w} GPUs ({_gib(estimate_memory(counts, num_workers=w, **kwargs).total_bytes)} GiB)")
+        fixes.append(f"fits at {w} {units} ({_size(estimate_memory(counts, num_workers=w, **kwargs).total_bytes)})")
     else:
         parts.append(f"no worker count up to {max_workers} fits as configured")
     if not kwargs.get("activation_checkpointing", False):
         on = dict(kwargs, activation_checkpointing=True)
         ckpt = estimate_memory(counts, num_workers=num_workers, **on)
         if ckpt.total_bytes <= usable:
-            fixes.append(f"enable activation checkpointing ({_gib(ckpt.total_bytes)} GiB at {num_workers} GPUs)")
+            fixes.append(f"enable activation checkpointing ({_size(ckpt.total_bytes)} at {num_workers} {units})")
         else:
             w_ckpt = min_workers(counts, capacity_bytes=capacity_bytes, max_workers=max_workers,
                                  headroom_fraction=headroom_fraction, **on)
             if w_ckpt is not None and (w is None or w_ckpt < w):
                 total = estimate_memory(counts, num_workers=w_ckpt, **on).total_bytes
-                fixes.append(f"enable activation checkpointing and use {w_ckpt} GPUs ({_gib(total)} GiB)")
+                fixes.append(f"enable activation checkpointing and use {w_ckpt} {units} ({_size(total)})")
     if est.bytes_of("expert_lora_merged") > est.total_bytes // 4:
         fixes.append(f"drop expert LoRA (lora.target_parameters): peft materialises W+BA, "
-                     f"{_gib(est.bytes_of('expert_lora_merged'))} GiB here")
+                     f"{_size(est.bytes_of('expert_lora_merged'))} here")
     if kwargs.get("micro_batch_size", 1) > 1:
         smaller = estimate_memory(counts, num_workers=num_workers, **dict(kwargs, micro_batch_size=1))
         if smaller.total_bytes <= usable:
-            fixes.append(f"use micro-batch 1 ({_gib(smaller.total_bytes)} GiB)")
+            fixes.append(f"use micro-batch 1 ({_size(smaller.total_bytes)})")
     if not fixes:
         parts.append("no single change found that fits: shorten seq_len or reduce LoRA coverage")
     return "; ".join(parts + ["; or ".join(fixes)] if fixes else parts)
@@ -416,12 +420,26 @@ def _merged_term(nbytes: int, layers: int, g: LayerGroup, pb: int, ab: int) -> M
     one = sum(_numel(s) for _, s in g.lora_expert_stacks) * pb
     which = "kept for backward by autograd" if layers > 1 else "of the layer being computed"
     return MemoryTerm("expert_lora_merged", f"expert W+BA stacks x{layers} layer(s)", nbytes,
-                      f"peft materialises {names} W+BA ({_gib(one, 2)} GiB per layer, bf16) for grouped_mm, "
-                      f"{which}; plus bf16 copies of the factors")
+                      f"peft materialises {names} W+BA ({_size(one, 2)} per layer, {_dtype(pb)}) for "
+                      f"grouped_mm, {which}" + (f"; plus {_dtype(pb)} copies of the factors" if ab != pb else ""))
 
 
-def _gib(nbytes: float, digits: int = 1) -> str:
-    return f"{nbytes / GiB:.{digits}f}"
+def _size(nbytes: float, digits: int = 1) -> str:
+    for scale, name in ((GiB, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.{digits}f} {name}"
+    return f"{nbytes:.0f} B"
+
+
+def _count(n: int) -> str:
+    for scale, name in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{name}" if name == "B" else f"{n / scale:.1f}{name}"
+    return str(n)
+
+
+def _dtype(nbytes: int) -> str:
+    return {1: "fp8", 2: "bf16", 4: "fp32"}.get(nbytes, f"{nbytes}-byte")
 
 
 def _kib(nbytes: float) -> str:

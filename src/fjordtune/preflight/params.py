@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 Shape = tuple[int, ...]
 NamedShapes = tuple[tuple[str, Shape], ...]
@@ -102,6 +103,8 @@ class ParamCounts:
     """Wrapped parameters: `model.layers.*.mlp.experts.gate_up_proj`."""
     lora_unmatched_targets: tuple[str, ...]
     """Requested targets that matched nothing; peft skips them without a word."""
+    lora_match_counts: tuple[tuple[str, int], ...] = ()
+    """How many modules / parameters each matched name stands for (`o_proj`: 36)."""
 
     @property
     def lora_params_per_layer(self) -> int:
@@ -124,8 +127,9 @@ class ParamCounts:
     def lora_coverage(self) -> str:
         """One paragraph saying what the LoRA targets really wrap."""
         lines = [f"LoRA r={self.lora_rank}: {self.lora_params:,} parameters on {self.num_lora_targets} targets"]
-        lines += [f"  module     {n}" for n in self.lora_matched_modules]
-        lines += [f"  parameter  {n}" for n in self.lora_matched_parameters]
+        counts = dict(self.lora_match_counts)
+        lines += [f"  module     {n} (x{counts.get(n, '?')})" for n in self.lora_matched_modules]
+        lines += [f"  parameter  {n} (x{counts.get(n, '?')})" for n in self.lora_matched_parameters]
         if self.lora_unmatched_targets:
             lines.append(f"  matched nothing (peft skips these silently): {', '.join(self.lora_unmatched_targets)}")
         return "\n".join(lines)
@@ -160,7 +164,7 @@ def find_decoder_layers(model: Any) -> list[tuple[str, Any]]:
     The layer class comes from transformers' `_no_split_modules`; without it, the largest
     `nn.ModuleList` whose children share one class is taken. Raises `ValueError` if neither exists.
     """
-    import torch.nn as nn
+    from torch import nn
 
     classes = set(getattr(model, "_no_split_modules", None) or ())
     layers: list[tuple[str, Any]] = []
@@ -223,11 +227,11 @@ def count_parameters(model: Any, *, lora_rank: int, lora_target_modules: Sequenc
         key = (shapes, info.shapes, info.linear_in, info.expert_stacks)
         if key not in groups:
             stacks = tuple((n, s) for n, s in experts if n in info.expert_stacks)
-            groups[key] = dict(num_layers=0, is_moe=is_moe, num_params=sum(_numel(s) for _, s in shapes),
-                               param_shapes=shapes, expert_param_shapes=experts,
-                               lora_params=sum(_numel(s) for _, s in info.shapes), lora_shapes=info.shapes,
-                               lora_linear_in_features=info.linear_in, lora_expert_stacks=stacks,
-                               lora_expert_params=info.expert_params)
+            groups[key] = {"num_layers": 0, "is_moe": is_moe, "num_params": sum(_numel(s) for _, s in shapes),
+                               "param_shapes": shapes, "expert_param_shapes": experts,
+                               "lora_params": sum(_numel(s) for _, s in info.shapes), "lora_shapes": info.shapes,
+                               "lora_linear_in_features": info.linear_in, "lora_expert_stacks": stacks,
+                               "lora_expert_params": info.expert_params}
         groups[key]["num_layers"] += 1
     layer_groups = tuple(LayerGroup(**g) for g in groups.values())
 
@@ -254,6 +258,7 @@ def count_parameters(model: Any, *, lora_rank: int, lora_target_modules: Sequenc
         lora_matched_modules=lora.matched_modules,
         lora_matched_parameters=lora.matched_parameters,
         lora_unmatched_targets=lora.unmatched,
+        lora_match_counts=lora.match_counts,
         **dims,
     )
 
@@ -275,6 +280,7 @@ class _LoraSummary:
     matched_modules: tuple[str, ...] = ()
     matched_parameters: tuple[str, ...] = ()
     unmatched: tuple[str, ...] = ()
+    match_counts: tuple[tuple[str, int], ...] = ()
 
 
 def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules: str | tuple[str, ...],
@@ -298,8 +304,12 @@ def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules
                 peft_model = get_peft_model(work, cfg)
         else:
             peft_model = get_peft_model(work, cfg)
-    except ValueError as e:  # peft raises when nothing at all matched
-        raise ValueError(f"LoRA targets match nothing in {type(model).__name__}: {e}") from e
+    except ValueError as e:
+        if "found" not in str(e):  # "Target modules {...} not found", "no `target_parameters` found"
+            raise
+        # nothing at all matched: report every target as unmatched and let the caller refuse
+        listed = () if isinstance(target_modules, str) else target_modules
+        return _LoraSummary(per_layer={}, unmatched=listed + target_parameters or ("<no target matched>",))
     base = peft_model.get_base_model()
 
     def owner(path: str) -> str | None:
@@ -310,7 +320,9 @@ def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules
     stacks: dict[str, list[str]] = {}
     expert_params: dict[str, int] = {}
     root_shapes: list[tuple[str, Shape]] = []
-    modules, params = set(), set()
+    modules, params = set(), set()  # with the layer index written as "*", for reporting
+    concrete: list[str] = []  # real names, for matching targets the way peft does
+    concrete_params: list[str] = []
     num_targets = 0
     for path, module in base.named_modules():
         if not isinstance(module, LoraLayer):
@@ -322,12 +334,14 @@ def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules
                     if "lora_" in n and not n.startswith("base_layer."))
         if isinstance(module, ParamWrapper):
             params.add(_LAYER_INDEX.sub(".*", f"{canon}.{module.parameter_name}"))
+            concrete_params.append(f"{canon}.{module.parameter_name}")
             if layer is not None:
                 rel = canon[len(layer) + 1:]
                 stacks.setdefault(layer, []).append(f"{rel}.{module.parameter_name}" if rel else module.parameter_name)
                 expert_params[layer] = expert_params.get(layer, 0) + numel
         else:
             modules.add(_LAYER_INDEX.sub(".*", canon))
+            concrete.append(canon)
             if layer is not None and getattr(module, "in_features", None):
                 linear_in.setdefault(layer, []).append(int(module.in_features))
     for path, p in base.named_parameters():
@@ -346,11 +360,15 @@ def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules
     }
     total = sum(p.numel() for n, p in base.named_parameters() if "lora_" in n)
     listed = () if isinstance(target_modules, str) else target_modules
-    unmatched = tuple(t for t in listed if not any(_matches(m, t) for m in modules))
-    unmatched += tuple(t for t in target_parameters if not any(_matches(m, t) for m in params))
+    unmatched = tuple(t for t in listed if not any(_matches(m, t) for m in concrete))
+    unmatched += tuple(t for t in target_parameters if not any(_matches(m, t) for m in concrete_params))
+    tally: dict[str, int] = {}
+    for name in concrete + concrete_params:
+        pattern = _LAYER_INDEX.sub(".*", name)
+        tally[pattern] = tally.get(pattern, 0) + 1
     return _LoraSummary(total=total, per_layer=per_layer, root_shapes=tuple(root_shapes), num_targets=num_targets,
                         matched_modules=tuple(sorted(modules)), matched_parameters=tuple(sorted(params)),
-                        unmatched=unmatched)
+                        unmatched=unmatched, match_counts=tuple(sorted(tally.items())))
 
 
 def _canonical(path: str) -> str:
@@ -361,8 +379,7 @@ def _canonical(path: str) -> str:
 
 def _matches(name: str, target: str) -> bool:
     """peft's rule for list targets: the whole name or a dotted suffix."""
-    pattern = name.replace(".*.", ".0.")
-    return pattern == target or pattern.endswith("." + target) or name.endswith("." + target)
+    return name == target or name.endswith("." + target)
 
 
 def _numel(shape: Shape) -> int:
@@ -411,7 +428,7 @@ def _dims(config: Any, groups: tuple[LayerGroup, ...]) -> dict[str, int]:
     shared = _first(config, ("shared_expert_intermediate_size",))
     if not shared:
         shared = _first(config, ("n_shared_experts", "num_shared_experts")) * expert_inter
-    return dict(hidden_size=hidden, vocab_size=_first(config, ("vocab_size",)), num_attention_heads=heads,
-                q_dim=q_dim, k_dim=k_dim, v_dim=v_dim, attn_out_dim=out_dim, latent_norm_dims=latent,
-                num_experts=num_experts, num_experts_per_tok=top_k, expert_intermediate_size=expert_inter,
-                shared_expert_intermediate_size=shared, dense_intermediate_size=dense_inter)
+    return {"hidden_size": hidden, "vocab_size": _first(config, ("vocab_size",)), "num_attention_heads": heads,
+                "q_dim": q_dim, "k_dim": k_dim, "v_dim": v_dim, "attn_out_dim": out_dim, "latent_norm_dims": latent,
+                "num_experts": num_experts, "num_experts_per_tok": top_k, "expert_intermediate_size": expert_inter,
+                "shared_expert_intermediate_size": shared, "dense_intermediate_size": dense_inter}

@@ -59,7 +59,8 @@ def s3_client(endpoint_url: str | None = None) -> Any:
     from botocore.config import Config
 
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-    return boto3.client(
+    # a fresh session: boto3's default session would keep the first credentials it ever read
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,
         config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
@@ -94,6 +95,10 @@ class Store:
         if loc.scheme == "file":
             dest = Path(loc.key)
             (dest / MARKER).unlink(missing_ok=True)
+            wanted = {dest / f.relative_to(local_dir) for f in files}
+            for old in [p for p in dest.rglob("*") if p.is_file()] if dest.exists() else []:
+                if old not in wanted:  # leftovers of a previous commit must not mix into this one
+                    old.unlink()
             for f in files:
                 target = dest / f.relative_to(local_dir)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +108,10 @@ class Store:
             (dest / MARKER).write_text(uuid.uuid4().hex)
             return
         self._guard(lambda: self.s3.delete_object(Bucket=loc.bucket, Key=loc.child(MARKER).key), uri)
+        wanted = {loc.child(f.relative_to(local_dir).as_posix()).key for f in files}
+        for key in self._guard(lambda: self._s3_keys(loc), uri):
+            if key not in wanted:  # leftovers of a previous commit must not mix into this one
+                self._guard(lambda key=key: self.s3.delete_object(Bucket=loc.bucket, Key=key), uri)
         for f in files:
             key = loc.child(f.relative_to(local_dir).as_posix()).key
             self._guard(lambda f=f, key=key: self.s3.upload_file(str(f), loc.bucket, key), uri)
@@ -120,7 +129,7 @@ class Store:
         if loc.scheme == "file":
             shutil.copytree(loc.key, local_dir, dirs_exist_ok=True)
             return local_dir
-        for key in self._s3_keys(loc):
+        for key in self._guard(lambda: self._s3_keys(loc), uri):
             rel = key[len(loc.key) + 1 :] if loc.key else key
             target = local_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +144,8 @@ class Store:
                 raise UserError(f"{uri}: not found, or not completely written (no {MARKER} marker)")
             return Path(loc.key)
         # keyed by the commit id in the marker: a folder rewritten under the same URI is fetched anew
+        if not self.is_committed(uri):
+            raise UserError(f"{uri}: not found, or not completely written (no {MARKER} marker)")
         commit = self.read_bytes(str(loc.child(MARKER))).decode() or "none"
         target = Path(cache_root) / loc.bucket / loc.key / commit
         if not (target / MARKER).exists():

@@ -1,0 +1,129 @@
+"""The preflight gate: will this job fit, and does its LoRA cover what it claims? Decided from the
+model's config alone (no weights, no GPU), before a single accelerator is allocated."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fjordtune.config.schema import JobSpec
+from fjordtune.errors import PreflightRefused, UserError
+from fjordtune.preflight.estimate import GiB, MemoryEstimate, estimate_memory, explain_refusal, usable_bytes
+from fjordtune.preflight.params import ParamCounts
+
+log = logging.getLogger(__name__)
+
+CPU_RUNTIME_OVERHEAD_BYTES = 1 * GiB
+"""A CPU worker has no CUDA context or NCCL buffers, but torch, transformers and Ray cost about 1 GiB."""
+MAX_WORKERS_SEARCHED = 64
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    fits: bool
+    text: str
+    estimate: MemoryEstimate
+    capacity_bytes: int
+    usable_bytes: int
+    device: str  # "gpu" or "cpu"
+    lora_coverage: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "fits": self.fits,
+            "device": self.device,
+            "num_workers": self.estimate.num_workers,
+            "per_worker_bytes": self.estimate.total_bytes,
+            "per_worker_live_bytes": self.estimate.live_bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "usable_bytes": self.usable_bytes,
+            "peak_moment": self.estimate.peak_moment,
+            "terms": [{"key": t.key, "label": t.label, "bytes": t.bytes, "live": t.live} for t in self.estimate.terms],
+        }
+
+
+def model_config(job: JobSpec) -> Any:
+    """The transformers config of the job's base model, fetched without its weights."""
+    from transformers import AutoConfig
+
+    from fjordtune.model.load import BUILTIN_PREFIX, builtin_config, load_tokenizer
+
+    path = job.model.path
+    if path.startswith(BUILTIN_PREFIX):
+        tok = load_tokenizer(job.model.tokenizer or "builtin:demo")
+        config = builtin_config(path[len(BUILTIN_PREFIX):], vocab_size=len(tok))
+    elif path.startswith("s3://"):
+        from fjordtune.storage import Store
+
+        data = Store(endpoint_url=job.storage.endpoint_url).read_bytes(f"{path}/config.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "config.json").write_bytes(data)
+            config = AutoConfig.from_pretrained(tmp)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except OSError as e:
+            raise UserError(f"model.path: {path}: cannot read the model config ({e})") from None
+    # multimodal wrappers (the released Mistral Small 4 loads via Mistral3): train the text model
+    return getattr(config, "text_config", None) or config
+
+
+def count(job: JobSpec) -> ParamCounts:
+    return ParamCounts.from_config(
+        model_config(job), lora_rank=job.lora.rank, lora_target_modules=job.lora.target_modules,
+        lora_target_parameters=job.lora.target_parameters,
+    )
+
+
+def capacity(job: JobSpec) -> tuple[int, str]:
+    """Bytes one worker may use: the accelerator's memory, or this machine's free memory shared by the
+    CPU workers (the demo and tests run them all on one node)."""
+    if job.resources.use_gpu:
+        return int(job.resources.accelerator_memory_gib * GiB), "gpu"
+    import psutil
+
+    return int(psutil.virtual_memory().available / job.resources.num_workers), "cpu"
+
+
+def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = None) -> PreflightReport:
+    """Estimate the job's per-worker peak; raise `PreflightRefused` (if `refuse`) when it cannot fit
+    or when a LoRA target matches nothing."""
+    counts = counts or count(job)
+    if counts.lora_unmatched_targets:
+        raise PreflightRefused(
+            f"lora: {', '.join(counts.lora_unmatched_targets)} match nothing in this model; peft would skip "
+            "them silently (the story's adapter trained only o_proj this way)",
+            counts.lora_coverage(),
+        )
+    cap, device = capacity(job)
+    kwargs = dict(
+        seq_len=job.data.max_seq_len, micro_batch_size=job.train.micro_batch_size,
+        activation_checkpointing=job.train.activation_checkpointing,
+        param_bytes=2 if job.model.dtype == "bfloat16" else 4,
+    )
+    if device == "cpu":
+        kwargs["runtime_overhead_bytes"] = CPU_RUNTIME_OVERHEAD_BYTES
+    est = estimate_memory(counts, num_workers=job.resources.num_workers, **kwargs)
+    headroom = job.resources.memory_headroom
+    fits = est.fits(cap, headroom)
+    usable = usable_bytes(cap, headroom)
+    unit = "GPU" if device == "gpu" else "CPU worker"
+    verdict = (
+        f"preflight: fits: {est.total_bytes / GiB:.1f} GiB per {unit} of {usable / GiB:.1f} GiB usable "
+        f"({cap / GiB:.1f} GiB, {headroom:.0%} headroom)"
+        if fits
+        else "preflight: REFUSED: " + explain_refusal(
+            counts, num_workers=job.resources.num_workers, capacity_bytes=cap,
+            max_workers=max(MAX_WORKERS_SEARCHED, job.resources.num_workers), headroom_fraction=headroom, **kwargs,
+        )
+    )
+    text = "\n".join([f"== preflight {job.name}", counts.lora_coverage(), est.table(), verdict])
+    report = PreflightReport(fits, text, est, cap, usable, device, counts.lora_coverage())
+    if not fits and refuse:
+        raise PreflightRefused(text, "refused before any accelerator was allocated; "
+                               "`fjordtune train --skip-preflight` overrides at your own risk")
+    return report
+

@@ -1,0 +1,132 @@
+"""The whole pipeline on real parts: a local Ray cluster, SeaweedFS as S3, FSDP2 over gloo with two
+workers, lm-eval through Ray Data, the report. Then resume. (The `ray job submit` path: test_submit_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+import fjordtune
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(fjordtune.__file__).resolve().parents[2]
+DEMO = ROOT / "jobs" / "demo.yaml"
+TASKS = "[nrk_quiz_qa_nob_p0, noropenbookqa_nno_p*, nortruthfulqa_mc_nob_p1]"
+
+
+def small(name: str, *extra: str) -> list[str]:
+    return [f"name={name}", "storage.uri=s3://fjt-e2e/runs", "train.max_steps=4", "train.checkpoint_every_steps=2",
+            f"eval.tasks={TASKS}", "eval.num_workers=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3_server, tmp_path_factory):
+    """A local Ray cluster whose workers see the S3 server (they inherit this process's environment)."""
+    import ray
+
+    saved = dict(os.environ)
+    os.environ.update(s3_server.env, FJORDTUNE_CACHE=str(tmp_path_factory.mktemp("cache")), RAY_AUTH_MODE="disabled")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield s3_server
+    ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_s3, tmp_path_factory):
+    from fjordtune import pipeline
+    from fjordtune.config import load_job
+
+    out = tmp_path_factory.mktemp("run")
+    job = load_job(DEMO, small("e2e"))
+    return job, out, pipeline.run(job, output_dir=out)
+
+
+def test_run_writes_report_results_and_png(full_run):
+    from fjordtune.eval.run import expand_tasks, task_manager
+
+    job, out, paths = full_run
+    expected = expand_tasks(job.eval.tasks, known=list(task_manager().all_tasks))
+    assert len(expected) == 7
+    for label in ("base", "tuned"):
+        res = json.loads((out / label / "results.json").read_text())
+        assert sorted(res["tasks"]) == sorted(expected)
+        for name, entry in res["tasks"].items():
+            assert entry["n"] == 6 and 0 <= entry["acc"] <= 1 and 0 < entry["chance"] < 1
+            assert ("acc_norm" in entry) == ("truthfulqa" not in name)
+    md = (out / "report.md").read_text()
+    assert "| NRK-Quiz-QA | nob |" in md and "| NorOpenBookQA | nno |" in md and "**average**" in md
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adapter_in_bucket_is_peft_format_and_loads(full_run, tmp_path):
+    from peft import PeftModel
+
+    from fjordtune.model.load import load_causal_lm
+    from fjordtune.storage import Store
+
+    job, _, _ = full_run
+    store = Store()
+    adapter = store.download_dir(f"{job.run_uri}/adapter", tmp_path / "adapter")
+    base = store.download_dir(f"{job.run_uri}/base-model", tmp_path / "base")
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    model = PeftModel.from_pretrained(load_causal_lm(str(base), dtype="float32"), str(adapter))
+    names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert any(".mlp.experts." in n for n in names) and any("kv_a_proj_with_mqa" in n for n in names)
+
+
+def test_checkpoints_are_committed_and_pruned(full_run):
+    from fjordtune.storage import Location, Store
+
+    job, _, _ = full_run
+    loc = Location.parse(f"{job.run_uri}/train")
+    keys = [o["Key"] for p in Store().s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key)
+            for o in p.get("Contents", [])]
+    depth = len(loc.key.split("/"))
+    ckpts = sorted({k.split("/")[depth] for k in keys if re.match(r"checkpoint_\d{4}-", k.split("/")[depth])})
+    assert 1 <= len(ckpts) <= job.train.num_checkpoints_to_keep, ckpts
+    latest = ckpts[-1]
+    assert any(k.endswith(f"{latest}/.metadata") for k in keys)  # DCP metadata
+    progress = json.loads(Store().read_bytes(f"s3://{loc.bucket}/{loc.key}/{latest}/progress.json"))
+    assert progress["step"] == 4
+
+
+def test_training_resumes_where_it_stopped(ray_s3):
+    """Train 2 steps, then ask for 4 under the same name: the second run resumes from step 2 and ends
+    with the same adapter as an uninterrupted 4-step run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fjordtune import pipeline
+    from fjordtune.config import load_job
+    from fjordtune.storage import Store
+
+    first = pipeline.train(load_job(DEMO, small("resume", "train.max_steps=2")))
+    assert first["num_steps"] == 2
+    resumed = pipeline.train(load_job(DEMO, small("resume")))
+    straight = pipeline.train(load_job(DEMO, small("straight")))
+    assert resumed["num_steps"] == straight["num_steps"] == 4
+    store = Store()
+    a = load_file(str(store.local_view(resumed["adapter_uri"], os.environ["FJORDTUNE_CACHE"]) / "adapter_model.safetensors"))
+    b = load_file(str(store.local_view(straight["adapter_uri"], os.environ["FJORDTUNE_CACHE"]) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
+
+
+def test_bad_training_data_fails_before_any_worker_starts(ray_s3, tmp_path):
+    from fjordtune import pipeline
+    from fjordtune.config import load_job
+    from fjordtune.errors import UserError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hei"}]}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:1: no assistant turn"):
+        pipeline.train(load_job(DEMO, small("bad", f"data.train_files=[{bad}]")))
+

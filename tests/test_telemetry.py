@@ -141,3 +141,18 @@ def test_exporter_background_thread_samples(local_ray: None) -> None:
     assert exporter._thread is not None and not exporter._thread.is_alive(), "close() stops the sampler thread"
     assert summary["gpu_memory_peak_bytes"] == float(61 * GIB)
     assert summary["gpu_utilization_mean_pct"] == pytest.approx((30.0 + 50.0 + 85.5) / 3)
+
+
+def test_sampler_follows_cuda_visible_devices():
+    """A Ray GPU worker sees one GPU through CUDA_VISIBLE_DEVICES, but NVML sees all of the node's:
+    the sampler must report only the worker's own."""
+    from fjordtune.telemetry.gpu import FakeNvml, NvmlSampler, visible_gpu_indices
+
+    fake = FakeNvml(utilization=[10.0, 20.0, 30.0], memory_used=[1, 2, 3], memory_total=10)
+    indices = visible_gpu_indices({"CUDA_VISIBLE_DEVICES": "2"})
+    assert indices == [2]
+    samples = NvmlSampler(fake, indices).sample()
+    assert [(s.index, s.utilization_pct) for s in samples] == [(2, 30.0)]
+    assert visible_gpu_indices({}) is None
+    assert visible_gpu_indices({"CUDA_VISIBLE_DEVICES": "GPU-1a2b"}) is None
+    assert len(NvmlSampler(fake, None).sample()) == 3

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -24,14 +25,19 @@ class GpuSample:
 
 
 class NvmlSampler:
-    def __init__(self, nvml: Any) -> None:
+    """Samples the GPUs at `indices` (NVML numbering; default all). NVML sees every GPU of the node
+    whatever CUDA_VISIBLE_DEVICES says, so a Ray worker passes its own: see `visible_gpu_indices`."""
+
+    def __init__(self, nvml: Any, indices: list[int] | None = None) -> None:
         self.nvml = nvml
         nvml.nvmlInit()
-        self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        count = nvml.nvmlDeviceGetCount()
+        self.indices = [i for i in (range(count) if indices is None else indices) if 0 <= i < count]
+        self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices]
 
     def sample(self) -> list[GpuSample]:
         out = []
-        for i, h in enumerate(self.handles):
+        for i, h in zip(self.indices, self.handles):
             util = self.nvml.nvmlDeviceGetUtilizationRates(h)
             mem = self.nvml.nvmlDeviceGetMemoryInfo(h)
             out.append(GpuSample(i, float(util.gpu), int(mem.used), int(mem.total)))
@@ -41,12 +47,23 @@ class NvmlSampler:
         self.nvml.nvmlShutdown()
 
 
+def visible_gpu_indices(env: dict[str, str] | None = None) -> list[int] | None:
+    """GPU indices named by CUDA_VISIBLE_DEVICES (Ray sets it per worker); None if unset or not numeric."""
+    value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if not value:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:  # UUIDs: sample every GPU rather than guess
+        return None
+
+
 def open_sampler() -> NvmlSampler | None:
-    """An NVML sampler for this node's GPUs, or None where there is no NVML (CPU machines)."""
+    """An NVML sampler for this process's GPUs, or None where there is no NVML (CPU machines)."""
     try:
         import pynvml
 
-        sampler = NvmlSampler(pynvml)
+        sampler = NvmlSampler(pynvml, visible_gpu_indices())
     except Exception as e:  # no driver, no library: telemetry is optional
         log.info("NVML unavailable (%s): GPU telemetry off", type(e).__name__)
         return None

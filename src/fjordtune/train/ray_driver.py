@@ -78,7 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         telemetry = MetricsExporter(rank=rank, run=job.name, sampler=sampler, interval_s=job.telemetry.interval_s)
 
     every = job.train.checkpoint_every_steps or per_epoch
-    step, last_loss, t0, tokens = start_step, None, time.perf_counter(), 0
+    step, t0, tokens = start_step, time.perf_counter(), 0
     for epoch in range(start_step // per_epoch, job.train.epochs):
         batches = epoch_batches(
             examples, batch_size=job.train.micro_batch_size, rank=rank, world_size=world,
@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step >= total:
                 break
             res = core.train_step(batch)
-            step, last_loss, tokens = step + 1, res.loss, tokens + res.num_tokens
+            step, tokens = step + 1, tokens + res.num_tokens
             tps = tokens / max(time.perf_counter() - t0, 1e-9)
             if telemetry:
                 telemetry.set("train_loss", res.loss)

@@ -16,10 +16,15 @@ fi
 want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS-$TORCH_SPEC"
 stamp="$VENV/.fjordtune-installed"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "[bootstrap] installing fjordtune[$EXTRAS] into $VENV (first time: 1-3 minutes)"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]"
+  log="$VENV/install.log"
+  echo "[bootstrap] installing fjordtune[$EXTRAS] into $VENV (first time: 1-3 minutes; log: $log)"
+  pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >>"$log" 2>&1; }
+  : > "$log"
+  if ! { pip_install --upgrade pip && pip_install "$TORCH_SPEC" && pip_install -e "$ROOT[$EXTRAS]"; }; then
+    tail -n 40 "$log" >&2
+    echo "[bootstrap] install failed; full log: $log" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -130,3 +130,26 @@ def test_bad_training_data_fails_before_any_worker_starts(ray_s3, tmp_path):
     with pytest.raises(UserError, match=r"bad.jsonl:1: no assistant turn"):
         pipeline.train(load_job(DEMO, small("bad", f"data.train_files=[{bad}]")))
 
+
+
+def test_eval_cli_writes_results_json_equal_to_the_pipelines(full_run, tmp_path):
+    """`fjordtune eval JOB --output-dir DIR --adapter URI` as a user runs it: DIR/results.json has a
+    `tasks` object keyed by lm-eval task name with acc, acc_norm where defined, and n; and it scores
+    the tuned model exactly as the pipeline did."""
+    import subprocess
+    import sys
+
+    job, out, _ = full_run
+    cmd = [sys.executable, "-m", "fjordtune", "eval", str(DEMO), "--output-dir", str(tmp_path),
+           "--adapter", f"{job.run_uri}/adapter"]
+    for o in small("e2e"):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "results.json").read_text())
+    want = json.loads((out / "tuned" / "results.json").read_text())
+    assert got["model"] == "tuned" and got["tasks"].keys() == want["tasks"].keys()
+    for name, entry in got["tasks"].items():
+        assert {"acc", "n"} <= entry.keys()
+        for metric in ("acc", "acc_norm", "n"):
+            assert entry.get(metric) == want["tasks"][name].get(metric), (name, metric)

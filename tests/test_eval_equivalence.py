@@ -96,3 +96,27 @@ def test_chance_warning_fires_on_a_model_at_chance():
     assert res["warnings"] and "below chance" in res["warnings"][0]
     raw["results"]["t"]["acc,none"] = 0.6
     assert not summarize(raw, {"t": object()}, chance_fn=lambda task: 0.25)["warnings"]
+
+
+def test_a_checkpoint_with_missing_weights_is_refused_on_the_actor(ray_local, tiny_model_dir, tmp_path):
+    """The story's 21% run: weights silently ignored at load. Here the Ray Data actor refuses the
+    folder and the user sees a user error naming the missing keys, not a Ray traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fjordtune.errors import UserError
+    from fjordtune.eval.ray_lm import RayDataLM
+    from fjordtune.model.load import load_tokenizer
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    dropped = next(k for k in weights if "kv_b_proj" in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(broken / "model.safetensors"),
+              metadata={"format": "pt"})
+    tok = load_tokenizer(str(broken))
+    lm = RayDataLM(model_uri=str(broken), tokenizer=tok, dtype="float32", num_workers=1, batch_size=8)
+    with pytest.raises(UserError, match="missing keys") as err:
+        lm._loglikelihood_tokens([(("a", "b"), tok.encode("Hei"), tok.encode(" du", add_special_tokens=False))])
+    assert "kv_b_proj" in "\n".join(err.value.lines)

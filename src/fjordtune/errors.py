@@ -39,3 +39,25 @@ class InfraError(FjordtuneError):
 
 class InternalError(FjordtuneError):
     exit_code = 4
+
+
+def find_fjordtune_error(exc: BaseException | None) -> FjordtuneError | None:
+    """The first fjordtune error in an exception's chain (Ray wraps worker exceptions, and Ray Data
+    wraps them again), so a user error raised on a worker still reads as a user error."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
+        if isinstance(cause, FjordtuneError):
+            return cause
+        if isinstance(exc, FjordtuneError) and hasattr(exc, "lines"):
+            return exc
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
+
+
+def reraise_as_fjordtune(exc: BaseException) -> None:
+    """Raise the fjordtune error inside `exc` as itself (no Ray wrapping), if there is one."""
+    found = find_fjordtune_error(exc)
+    if found is not None:
+        raise type(found)(*found.lines) from None

@@ -13,6 +13,8 @@ from typing import Any
 
 from lm_eval.api.model import TemplateLM
 
+from fjordtune.errors import FjordtuneError, reraise_as_fjordtune
+
 log = logging.getLogger(__name__)
 
 
@@ -25,12 +27,20 @@ class ScoreActor:
         from fjordtune.model.load import local_model_dir
         from fjordtune.storage import Store, cache_root
 
-        store = Store(endpoint_url=endpoint_url)
-        model_dir = local_model_dir(model_uri, store=store, cache_root=cache_root())
-        adapter_dir = local_model_dir(adapter_uri, store=store, cache_root=cache_root()) if adapter_uri else None
-        self.scorer = Scorer(model_dir, adapter_dir=adapter_dir, dtype=dtype, device="cuda" if use_gpu else "cpu")
+        self.error: FjordtuneError | None = None
+        try:
+            store = Store(endpoint_url=endpoint_url)
+            model_dir = local_model_dir(model_uri, store=store, cache_root=cache_root())
+            adapter_dir = local_model_dir(adapter_uri, store=store, cache_root=cache_root()) if adapter_uri else None
+            self.scorer = Scorer(model_dir, adapter_dir=adapter_dir, dtype=dtype, device="cuda" if use_gpu else "cpu")
+        except FjordtuneError as e:
+            # Ray reports an exception from an actor's __init__ only as text (ActorDiedError): raise it
+            # from the first batch instead, where it travels as itself and reaches the user as such
+            self.error = e
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
         ctx = [list(map(int, x)) for x in batch["ctx"]]
         cont = [list(map(int, x)) for x in batch["cont"]]
         scored = self.scorer.score(ctx, cont)
@@ -89,12 +99,18 @@ class RayDataLM(TemplateLM):
         # longest first: batches of similar length waste less padding
         items.sort(key=lambda r: -(len(r["ctx"]) + len(r["cont"])))
         log.info("%s: scoring %d requests on %d Ray Data actors", self.name, len(items), self.num_workers)
+        # the scorer's own errors (a model folder with missing weights) must arrive as themselves
+        ray.data.DataContext.get_current().raise_original_map_exception = True
         with warnings.catch_warnings():  # max_restarts/max_task_retries have no named parameter yet
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = self._pipeline(ray.data.from_items(items))
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for row in ds.iter_rows():
-            out[int(row["idx"])] = (float(row["logprob"]), bool(row["greedy"]))
+        try:
+            for row in ds.iter_rows():
+                out[int(row["idx"])] = (float(row["logprob"]), bool(row["greedy"]))
+        except Exception as e:  # a bad model folder on an actor is the user's error, not a crash
+            reraise_as_fjordtune(e)
+            raise
         missing = [i for i, r in enumerate(out) if r is None]
         if missing:
             raise RuntimeError(f"{len(missing)} requests came back unscored (first: {missing[:5]})")

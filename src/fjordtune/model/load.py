@@ -109,8 +109,6 @@ def save_builtin(preset: str, out_dir: str | Path, *, seed: int) -> Path:
     out_dir = Path(out_dir)
     tok = load_tokenizer("builtin:demo")
     cfg = builtin_config(preset, vocab_size=len(tok))
-    if cfg.vocab_size != len(tok):
-        raise UserError(f"builtin:{preset}: its vocabulary does not match the shipped demo tokenizer")
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     cfg.architectures = [causal_lm_class(cfg).__name__]
     with torch.device("meta"):
@@ -118,6 +116,8 @@ def save_builtin(preset: str, out_dir: str | Path, *, seed: int) -> Path:
     if size > MAX_BUILTIN_WEIGHTS:
         raise UserError(f"builtin:{preset} has {size / 1e9:.0f}B parameters: it is a config for preflight, "
                         "not a model to build; point model.path at real weights")
+    if cfg.vocab_size != len(tok):
+        raise UserError(f"builtin:{preset}: its vocabulary does not match the shipped demo tokenizer")
     torch.manual_seed(seed)
     model = causal_lm_class(cfg)(cfg)
     model.save_pretrained(out_dir)

@@ -17,7 +17,7 @@ from typing import Any
 
 from fjordtune.config.load import dump_job, validate_raw
 from fjordtune.config.schema import JobSpec
-from fjordtune.errors import FjordtuneError, InfraError
+from fjordtune.errors import InfraError, reraise_as_fjordtune
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
         result = trainer.fit()
     except ray.train.WorkerGroupError as e:
         for exc in e.worker_failures.values():  # a user error on a worker stays a user error
-            cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, FjordtuneError):
-                raise type(cause)(*cause.lines) from None
+            reraise_as_fjordtune(exc)
         raise InfraError(f"training failed on a worker: {e}") from None
     except ray.train.ControllerError as e:
         raise InfraError(f"training failed: {e}") from None

@@ -1,0 +1,93 @@
+"""The preflight gate on job files: refuses what will not fit or does not cover what it claims, before
+anything is allocated; the CLI's exit codes and JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fjordtune.config import load_job
+from fjordtune.errors import PreflightRefused
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT / "jobs" / "norskmistral-119b.yaml"
+OFFLINE = ["model.path=builtin:mistral-small-4"]  # the real model's config, no S3 needed
+
+
+@pytest.fixture(scope="module")
+def real_counts():
+    from fjordtune.preflight.gate import count
+
+    return count(load_job(REAL, OFFLINE))
+
+
+def test_builtin_mistral_small_4_has_the_released_dimensions():
+    from fjordtune.model.load import builtin_config
+
+    c = builtin_config("mistral-small-4")
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == (131072, 4096, 36, 32)
+    assert (c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (1024, 256, 64, 64, 128)
+    assert (c.n_routed_experts, c.num_experts_per_tok, c.n_shared_experts, c.moe_intermediate_size) == (128, 4, 1, 2048)
+    assert c.first_k_dense_replace == 0 and c.tie_word_embeddings is False
+
+
+def test_builtin_preset_of_119b_is_never_built(tmp_path):
+    from fjordtune.errors import UserError
+    from fjordtune.model.load import save_builtin
+
+    with pytest.raises(UserError, match="config for preflight"):
+        save_builtin("mistral-small-4", tmp_path, seed=0)
+
+
+@pytest.mark.parametrize("workers, fits", [(4, False), (6, False), (7, True)])
+def test_shipped_job_fits_at_seven_h100s_only(real_counts, workers, fits):
+    from fjordtune.preflight.gate import check
+
+    job = load_job(REAL, [*OFFLINE, f"resources.num_workers={workers}"])
+    if fits:
+        report = check(job, counts=real_counts)
+        assert report.fits and report.device == "gpu"
+        assert report.estimate.total_bytes <= report.usable_bytes
+    else:
+        with pytest.raises(PreflightRefused) as err:
+            check(job, counts=real_counts)
+        text = "\n".join(err.value.lines)
+        assert f"at {workers} GPUs" in text and "fits at 7 GPUs" in text
+        assert "before any accelerator was allocated" in text
+        assert not check(job, refuse=False, counts=real_counts).fits
+
+
+def test_unmatched_lora_target_is_refused_with_the_names():
+    from fjordtune.preflight.gate import check
+
+    job = load_job(ROOT / "jobs" / "demo.yaml", ["lora.target_modules=[q_proj, k_proj, v_proj, o_proj]"])
+    with pytest.raises(PreflightRefused) as err:
+        check(job)
+    assert "q_proj, k_proj, v_proj match nothing" in err.value.lines[0]
+
+
+def test_demo_fits_on_cpu_workers():
+    from fjordtune.preflight.gate import check
+
+    report = check(load_job(ROOT / "jobs" / "demo.yaml"))
+    assert report.fits and report.device == "cpu"
+    assert "mlp.experts.gate_up_proj" in report.lora_coverage
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fjordtune", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_preflight_cli_exit_codes_and_json():
+    ok = _cli("preflight", str(REAL), *sum((["--set", o] for o in OFFLINE), []), "--json")
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert data["fits"] and data["num_workers"] == 7 and data["per_worker_bytes"] < data["usable_bytes"]
+    refused = _cli("preflight", str(REAL), "--set", OFFLINE[0], "--set", "resources.num_workers=6")
+    assert refused.returncode == 2
+    assert "REFUSED" in refused.stdout and "Traceback" not in refused.stderr

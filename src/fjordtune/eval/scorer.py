@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fjordtune.errors import UserError
-from fjordtune.model.load import load_causal_lm
+from fjordtune.model.load import load_causal_lm, quiet_peft_deprecations
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ def load_adapter_verified(model: Any, adapter_dir: str | Path) -> Any:
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    with quiet_peft_deprecations():
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.exists():
         raise UserError(f"{adapter_dir}: no adapter_model.safetensors (not a peft adapter folder?)")

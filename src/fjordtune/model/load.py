@@ -6,8 +6,11 @@ chance. `load_causal_lm` therefore refuses a checkpoint with missing, unexpected
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,15 @@ def builtin_config(preset: str, *, vocab_size: int | None = None) -> Any:
         )
     known = ", ".join(f"builtin:{k} ({v})" for k, v in BUILTIN_PRESETS.items())
     raise UserError(f"builtin:{preset}: unknown preset; known: {known}")
+
+
+@contextlib.contextmanager
+def quiet_peft_deprecations() -> Iterator[None]:
+    """peft 0.21 still reads transformers' deprecated `is_gradient_checkpointing`: one FutureWarning
+    per model per process, in every worker log. Silence exactly that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def causal_lm_class(config: Any) -> type:

@@ -298,12 +298,15 @@ def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules
     on_meta = all(p.is_meta for p in work.parameters())
     cfg = LoraConfig(r=rank, target_parameters=list(target_parameters) or None,
                      target_modules=target_modules if isinstance(target_modules, str) else list(target_modules) or None)
+    from fjordtune.model.load import quiet_peft_deprecations
+
     try:
-        if on_meta:  # adapters on meta too: a real init of 2B expert-LoRA weights takes seconds and GBs
-            with torch.device("meta"):
+        with quiet_peft_deprecations():
+            if on_meta:  # adapters on meta too: a real init of 2B expert-LoRA weights takes seconds and GBs
+                with torch.device("meta"):
+                    peft_model = get_peft_model(work, cfg)
+            else:
                 peft_model = get_peft_model(work, cfg)
-        else:
-            peft_model = get_peft_model(work, cfg)
     except ValueError as e:
         if "found" not in str(e):  # "Target modules {...} not found", "no `target_parameters` found"
             raise

@@ -53,7 +53,10 @@ def enable_activation_checkpointing(model: nn.Module, classes: set[str]) -> None
     """
     hf = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")), None)
     if hf is not None and getattr(hf, "supports_gradient_checkpointing", False):
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         apply_activation_checkpointing,

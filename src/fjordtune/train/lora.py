@@ -14,6 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from fjordtune.errors import UserError
+from fjordtune.model.load import quiet_peft_deprecations
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, cfg)
+    with quiet_peft_deprecations():
+        peft_model = get_peft_model(model, cfg)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     if trainable == 0:

@@ -34,6 +34,8 @@ class TrainOutcome:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker. Receives plain data and rebuilds the typed job."""
+    # Ray Train routes worker prints through the root logger *and* the wrapped stdout (each line
+    # twice): workers log instead
     import ray.train
     import ray.train.torch
     import torch
@@ -45,7 +47,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from fjordtune.telemetry.gpu import MetricsExporter, open_sampler
     from fjordtune.train.core import TrainerCore
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("fjordtune").setLevel(logging.INFO)
     job = validate_raw(config["job"], source="<ray worker>")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -55,7 +57,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model_dir = local_model_dir(config["model_uri"], store=store, cache_root=cache_root())
     core = TrainerCore(job, model_dir=model_dir, device=device)
     if rank == 0:
-        print(core.coverage.table(), flush=True)
+        log.info("%s", core.coverage.table())
     examples = core.examples(config["rows"])
     per_epoch = steps_per_epoch(len(examples), batch_size=job.train.micro_batch_size, world_size=world)
     total = per_epoch * job.train.epochs
@@ -70,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start_step = json.loads((Path(d) / PROGRESS_FILE).read_text())["step"]
         core.step = start_step
         if rank == 0:
-            print(f"resumed from checkpoint at step {start_step}", flush=True)
+            log.info("resumed from checkpoint at step %d", start_step)
 
     telemetry = None
     if job.telemetry.ray_metrics:
@@ -99,8 +101,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"step": step, "epoch": epoch, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
                        "tokens_per_s": tps}
             if rank == 0:
-                print(f"step {step}/{total} epoch {epoch} loss {res.loss:.4f} grad_norm {res.grad_norm:.3f} "
-                      f"lr {res.lr:.2e} tok/s {tps:.0f}", flush=True)
+                log.info("step %d/%d epoch %d loss %.4f grad_norm %.3f lr %.2e tok/s %.0f",
+                         step, total, epoch, res.loss, res.grad_norm, res.lr, tps)
             if step % every == 0 or step == total:
                 with tempfile.TemporaryDirectory(prefix="fjordtune-ckpt-") as tmp:
                     core.save_resumable(tmp)
@@ -114,9 +116,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="fjordtune-adapter-") as tmp:
         if core.save_adapter(tmp):
             store.upload_dir(tmp, config["adapter_uri"])
-            print(f"adapter written to {config['adapter_uri']}", flush=True)
+            log.info("adapter written to %s", config["adapter_uri"])
     if rank == 0 and summary:
-        print(f"telemetry: {summary}", flush=True)
+        log.info("telemetry: %s", summary)
 
 
 def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:

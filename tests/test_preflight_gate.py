@@ -91,3 +91,20 @@ def test_preflight_cli_exit_codes_and_json():
     refused = _cli("preflight", str(REAL), "--set", OFFLINE[0], "--set", "resources.num_workers=6")
     assert refused.returncode == 2
     assert "REFUSED" in refused.stdout and "Traceback" not in refused.stderr
+
+
+def test_eval_that_cannot_hold_the_model_is_refused_before_training(real_counts):
+    """Training fits at 7 GPUs, but a scoring actor holds the whole 119B model (222 GiB in bf16): with
+    too few GPUs per actor the run would crash after hours of training. Refuse up front."""
+    from fjordtune.preflight.gate import check
+
+    ok = check(load_job(REAL, OFFLINE), counts=real_counts)
+    assert ok.eval is not None and ok.eval.fits and ok.eval.gpus_per_worker == 4
+    assert ok.eval.weights_bytes >= real_counts.total_params * 2
+    job = load_job(REAL, [*OFFLINE, "eval.gpus_per_worker=2"])
+    with pytest.raises(PreflightRefused) as err:
+        check(job, counts=real_counts)
+    text = "\n".join(err.value.lines)
+    assert "train: fits" in text and "eval: REFUSED" in text and "eval.gpus_per_worker: 4" in text
+    # no eval requested: nothing to hold
+    assert check(load_job(REAL, [*OFFLINE, "eval.gpus_per_worker=2", "eval.models=[]"]), counts=real_counts).fits

@@ -110,7 +110,11 @@ class EvalSection(Section):
     num_fewshot: int | None = Field(default=None, ge=0, description="Few-shot examples; None = each task's default.")
     apply_chat_template: bool = Field(default=False, description="Wrap prompts in the tokenizer's chat template.")
     batch_size: int = Field(default=16, gt=0, description="Requests per scoring batch on each eval worker.")
-    num_workers: int = Field(default=2, gt=0, description="Ray Data scoring actors (one per GPU on a cluster).")
+    num_workers: int = Field(default=2, gt=0, description="Ray Data scoring actors, each holding a whole model.")
+    gpus_per_worker: int = Field(
+        default=1, gt=0, description="GPUs per scoring actor (with resources.use_gpu). A model larger than one "
+        "GPU is spread over them (device_map='auto'); preflight refuses a model that does not fit.",
+    )
     limit: int | None = Field(
         default=None, gt=0, description="Score only the first N docs per task. Full evaluation is the default: "
         "subsamples gave misleading numbers in the story."

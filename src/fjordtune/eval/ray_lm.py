@@ -52,12 +52,13 @@ class RayDataLM(TemplateLM):
 
     def __init__(self, *, model_uri: str, tokenizer: Any, adapter_uri: str | None = None, dtype: str = "float32",
                  num_workers: int = 2, batch_size: int = 16, use_gpu: bool = False, cpus_per_worker: float = 1,
-                 endpoint_url: str | None = None, name: str = "model") -> None:
+                 endpoint_url: str | None = None, name: str = "model", gpus_per_worker: int = 1) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.model_uri, self.adapter_uri, self.dtype = model_uri, adapter_uri, dtype
         self.num_workers, self.batch_size, self.use_gpu = num_workers, batch_size, use_gpu
         self.cpus_per_worker, self.endpoint_url, self.name = cpus_per_worker, endpoint_url, name
+        self.gpus_per_worker = gpus_per_worker
         self.num_scored = 0
 
     @property
@@ -129,7 +130,7 @@ class RayDataLM(TemplateLM):
             batch_size=self.batch_size,
             batch_format="numpy",
             compute=ActorPoolStrategy(size=self.num_workers),
-            num_gpus=1 if self.use_gpu else 0,
+            num_gpus=self.gpus_per_worker if self.use_gpu else 0,
             num_cpus=self.cpus_per_worker,
             # Ray Data restarts and retries forever by default, so a crash that repeats (a bad model
             # folder, OOM) would hang the eval: fail fast and say why instead

@@ -50,11 +50,13 @@ class Scorer:
 
     def __init__(self, model_dir: str, *, adapter_dir: str | None = None, dtype: str = "float32",
                  device: str = "cpu", max_length: int | None = None) -> None:
-        model = load_causal_lm(model_dir, dtype=dtype, device="cpu")
+        spread = device == "cuda" and torch.cuda.device_count() > 1
+        # larger than one GPU: let accelerate place the layers over every GPU this actor holds
+        model = load_causal_lm(model_dir, dtype=dtype, device="cpu", device_map="auto" if spread else None)
         if adapter_dir:
             model = load_adapter_verified(model, adapter_dir)
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
+        self.model = (model if spread else model.to(device)).eval()
+        self.device = torch.device("cuda:0" if spread else device)  # inputs go where the embedding is
         cfg = getattr(self.model, "config", None)
         self.max_length = max_length or int(getattr(cfg, "max_position_embeddings", 0) or 2048)
 
@@ -75,10 +77,11 @@ class Scorer:
             ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         out = []
         for i, (x, n, cont) in enumerate(zip(inputs, cont_lens, continuations, strict=True)):
-            span = logprobs[i, len(x) - n : len(x)]  # positions predicting the continuation tokens
+            # only the positions predicting the continuation: an fp32 log-softmax over the whole
+            # [batch, tokens, vocab] block would cost GiBs at a 131k vocabulary
+            span = torch.log_softmax(logits[i, len(x) - n : len(x)].float(), dim=-1).cpu()
             target = torch.tensor(list(cont)[-n:]).unsqueeze(-1)
             greedy = bool((span.argmax(dim=-1) == target.squeeze(-1)).all())
             out.append((float(span.gather(-1, target).sum()), greedy))

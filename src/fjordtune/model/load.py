@@ -162,18 +162,20 @@ def local_model_dir(location: str, *, store: Any, cache_root: str | Path) -> str
     return location
 
 
-def load_causal_lm(location: str, *, dtype: str = "bfloat16", device: str = "cpu") -> Any:
-    """Load a causal LM and verify that every checkpoint key matched a parameter and vice versa."""
+def load_causal_lm(location: str, *, dtype: str = "bfloat16", device: str = "cpu",
+                   device_map: str | None = None) -> Any:
+    """Load a causal LM and verify that every checkpoint key matched a parameter and vice versa.
+    With `device_map` (e.g. "auto") the layers are placed by accelerate and `device` is ignored."""
     import torch
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(location)
     cls = causal_lm_class(config)
     model, info = cls.from_pretrained(
-        location, dtype=getattr(torch, dtype), output_loading_info=True, device_map=None
+        location, dtype=getattr(torch, dtype), output_loading_info=True, device_map=device_map
     )
     verify_loading_info(info, location=location)
-    return model.to(device)
+    return model if device_map else model.to(device)
 
 
 def verify_loading_info(info: dict[str, Any], *, location: str) -> None:

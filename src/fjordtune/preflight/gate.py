@@ -21,6 +21,34 @@ CPU_RUNTIME_OVERHEAD_BYTES = 1 * GiB
 MAX_WORKERS_SEARCHED = 64
 
 
+EVAL_TOKENS_PER_REQUEST = 1024
+"""Tokens assumed per scored request for the logits term (NorEval prompts are far shorter, 0-shot)."""
+
+
+@dataclass(frozen=True)
+class EvalEstimate:
+    """Memory of one scoring actor: the whole model (it is not sharded) plus a batch of logits."""
+
+    weights_bytes: int
+    logits_bytes: int
+    runtime_bytes: int
+    gpus_per_worker: int
+    usable_bytes: int  # over all of the actor's GPUs
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.logits_bytes + self.runtime_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.usable_bytes
+
+    def line(self) -> str:
+        return (f"eval: {self.total_bytes / GiB:.1f} GiB per scoring actor (weights {self.weights_bytes / GiB:.1f}, "
+                f"logits {self.logits_bytes / GiB:.1f}, runtime {self.runtime_bytes / GiB:.1f}) on "
+                f"{self.gpus_per_worker} GPU(s), {self.usable_bytes / GiB:.1f} GiB usable")
+
+
 @dataclass(frozen=True)
 class PreflightReport:
     fits: bool
@@ -30,6 +58,7 @@ class PreflightReport:
     usable_bytes: int
     device: str  # "gpu" or "cpu"
     lora_coverage: str
+    eval: EvalEstimate | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +71,10 @@ class PreflightReport:
             "usable_bytes": self.usable_bytes,
             "peak_moment": self.estimate.peak_moment,
             "terms": [{"key": t.key, "label": t.label, "bytes": t.bytes, "live": t.live} for t in self.estimate.terms],
+            "eval": None if self.eval is None else {
+                "fits": self.eval.fits, "per_actor_bytes": self.eval.total_bytes,
+                "gpus_per_worker": self.eval.gpus_per_worker, "usable_bytes": self.eval.usable_bytes,
+            },
         }
 
 
@@ -88,6 +121,21 @@ def capacity(job: JobSpec) -> tuple[int, str]:
     return int(psutil.virtual_memory().available / job.resources.num_workers), "cpu"
 
 
+def estimate_eval(job: JobSpec, counts: ParamCounts, capacity_bytes: int) -> EvalEstimate:
+    """One scoring actor holds the whole base model (bf16/fp32) and the adapter (fp32, as peft loads it)."""
+    from fjordtune.preflight.estimate import DEFAULT_RUNTIME_OVERHEAD_BYTES
+
+    pb = 2 if job.model.dtype == "bfloat16" else 4
+    gpus = job.eval.gpus_per_worker
+    return EvalEstimate(
+        weights_bytes=counts.total_params * pb + counts.lora_params * 4,
+        logits_bytes=job.eval.batch_size * EVAL_TOKENS_PER_REQUEST * counts.vocab_size * pb,
+        runtime_bytes=DEFAULT_RUNTIME_OVERHEAD_BYTES * gpus,
+        gpus_per_worker=gpus,
+        usable_bytes=usable_bytes(capacity_bytes, job.resources.memory_headroom) * gpus,
+    )
+
+
 def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = None) -> PreflightReport:
     """Estimate the job's per-worker peak; raise `PreflightRefused` (if `refuse`) when it cannot fit
     or when a LoRA target matches nothing."""
@@ -112,16 +160,28 @@ def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = Non
     usable = usable_bytes(cap, headroom)
     unit = "GPU" if device == "gpu" else "CPU worker"
     verdict = (
-        f"preflight: fits: {est.total_bytes / GiB:.1f} GiB per {unit} of {usable / GiB:.1f} GiB usable "
+        f"train: fits: {est.total_bytes / GiB:.1f} GiB per {unit} of {usable / GiB:.1f} GiB usable "
         f"({cap / GiB:.1f} GiB, {headroom:.0%} headroom)"
         if fits
-        else "preflight: REFUSED: " + explain_refusal(
+        else "train: REFUSED: " + explain_refusal(
             counts, num_workers=job.resources.num_workers, capacity_bytes=cap,
             max_workers=max(MAX_WORKERS_SEARCHED, job.resources.num_workers), headroom_fraction=headroom, **kwargs,
         )
     )
-    text = "\n".join([f"== preflight {job.name}", counts.lora_coverage(), est.table(), verdict])
-    report = PreflightReport(fits, text, est, cap, usable, device, counts.lora_coverage())
+    lines = [f"== preflight {job.name}", counts.lora_coverage(), est.table(), verdict]
+    ev = estimate_eval(job, counts, cap) if device == "gpu" and job.eval.models else None
+    if ev is not None:
+        if ev.fits:
+            lines.append(ev.line().replace("eval: ", "eval: fits: ", 1))
+        else:
+            per_gpu = usable_bytes(cap, headroom)
+            need = -(-(ev.total_bytes - ev.runtime_bytes) // (per_gpu - ev.runtime_bytes // ev.gpus_per_worker))
+            lines.append(ev.line().replace("eval: ", "eval: REFUSED: ", 1) + "; a scoring actor holds the whole "
+                         f"model: set eval.gpus_per_worker: {need} (or more)")
+            fits = False
+    lines.append("preflight: OK" if fits else "preflight: REFUSED")
+    text = "\n".join(lines)
+    report = PreflightReport(fits, text, est, cap, usable, device, counts.lora_coverage(), ev)
     if not fits and refuse:
         raise PreflightRefused(text, "refused before any accelerator was allocated; "
                                "`fjordtune train --skip-preflight` overrides at your own risk")

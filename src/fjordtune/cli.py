@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="preflight locally, then send the job to a Ray cluster and follow it",
                        description="Validate and preflight the job here (no GPU needed), then submit `fjordtune run "
-                       "JOB` to the Ray cluster at --address (or submit.address, or RAY_ADDRESS) with the working "
+                       "JOB` to the Ray cluster at --address (or submit.address, or RAY_API_SERVER_ADDRESS) with the working "
                        "directory uploaded, and follow its logs. Exit status is the job's.")
     _job_args(p)
     p.add_argument("--address", help="Ray dashboard address, e.g. http://127.0.0.1:8265")

@@ -163,8 +163,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     s3 = start_s3(state / "s3")
     ray_head = start_ray_head(num_cpus=args.num_cpus, env=s3.env, temp_dir=args.ray_temp_dir)
     (state / "stack.json").write_text(json.dumps({"s3": asdict(s3), "ray": asdict(ray_head)}, indent=2))
-    for k, v in {**s3.env, "RAY_ADDRESS": ray_head.dashboard_url, "RAY_AUTH_MODE": "disabled",
-                 "FJORDTUNE_METRICS_URL": ray_head.metrics_url}.items():
+    # RAY_ADDRESS (the GCS) is for ray.init, RAY_API_SERVER_ADDRESS (the dashboard) for `ray job ...`
+    for k, v in {**s3.env, "RAY_ADDRESS": ray_head.address, "RAY_API_SERVER_ADDRESS": ray_head.dashboard_url,
+                 "RAY_AUTH_MODE": "disabled", "FJORDTUNE_METRICS_URL": ray_head.metrics_url}.items():
         print(f"export {k}={v}")
     return 0
 

@@ -33,7 +33,12 @@ def connect_ray(job: JobSpec) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        # a job-server (dashboard) URL: right for `ray job submit`, not for joining the cluster
+        log.warning("RAY_ADDRESS=%s is a dashboard URL; joining the Ray cluster on this node instead", address)
+        ray.init(address="auto", logging_level=logging.WARNING)
+    elif address:
         ray.init(logging_level=logging.WARNING)
     else:  # no cluster: a private local one for this process
         ray.init(include_dashboard=False, logging_level=logging.WARNING)

@@ -33,9 +33,12 @@ def submit(job_path: str, *, overrides: list[str], address: str | None, wait: bo
         from fjordtune.pipeline import preflight
 
         preflight(job)
-    address = address or job.submit.address or os.environ.get("RAY_ADDRESS")
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    address = (address or job.submit.address or os.environ.get("RAY_API_SERVER_ADDRESS")
+               or (env_address if env_address.startswith(("http://", "https://")) else None))
     if not address:
-        raise UserError("submit: no cluster address: pass --address http://HEAD:8265, set submit.address or RAY_ADDRESS")
+        raise UserError("submit: no job server address: pass --address http://HEAD:8265, set submit.address or "
+                        "RAY_API_SERVER_ADDRESS")
     from ray.job_submission import JobSubmissionClient
 
     try:

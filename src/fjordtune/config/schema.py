@@ -166,7 +166,8 @@ class SubmitSection(Section):
     """How `fjordtune submit` sends the job to a Ray cluster."""
 
     address: str | None = Field(
-        default=None, description="Ray dashboard address (http://host:8265); default: RAY_ADDRESS."
+        default=None, description="Ray job server (dashboard) address, http://host:8265; default: "
+        "RAY_API_SERVER_ADDRESS, or RAY_ADDRESS when it is an http:// URL."
     )
     working_dir: str = Field(default=".", description="Uploaded as the job's working directory.")
     excludes: list[str] = Field(

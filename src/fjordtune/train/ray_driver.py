@@ -34,8 +34,6 @@ class TrainOutcome:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point on each Ray Train worker. Receives plain data and rebuilds the typed job."""
-    # Ray Train routes worker prints through the root logger *and* the wrapped stdout (each line
-    # twice): workers log instead
     import ray.train
     import ray.train.torch
     import torch
@@ -47,6 +45,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from fjordtune.telemetry.gpu import MetricsExporter, open_sampler
     from fjordtune.train.core import TrainerCore
 
+    # Ray Train routes a worker's print through the root logger *and* the wrapped stdout (every line
+    # twice): workers log instead
     logging.getLogger("fjordtune").setLevel(logging.INFO)
     job = validate_raw(config["job"], source="<ray worker>")
     ctx = ray.train.get_context()

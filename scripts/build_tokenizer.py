@@ -100,7 +100,14 @@ def iter_corpus() -> Iterator[str]:
 
 def build(out_dir: Path, *, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
     """Train the tokenizer and save it as a `transformers` tokenizer folder at `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())

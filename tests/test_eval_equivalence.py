@@ -4,9 +4,6 @@ scores. Real lm-eval, real Ray (local), no mocks."""
 from __future__ import annotations
 
 import json
-import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,13 +64,12 @@ def test_ray_data_scores_equal_lm_eval_hf(ray_local, tiny_model_dir, num_fewshot
 
 
 def test_summarize_reports_acc_acc_norm_n_and_chance(ray_local, tiny_model_dir):
-    from fjordtune.eval.noreval import chance_level
+    import lm_eval.evaluator
+
+    from fjordtune.eval.noreval import build_task_dict, chance_level
     from fjordtune.eval.ray_lm import RayDataLM
     from fjordtune.eval.run import leaf_tasks, summarize, task_manager
-    from fjordtune.eval.noreval import build_task_dict
     from fjordtune.model.load import load_tokenizer
-
-    import lm_eval.evaluator
 
     tok = load_tokenizer(str(tiny_model_dir))
     lm = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, dtype="float32", num_workers=1, batch_size=32)

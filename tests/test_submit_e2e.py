@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_pipeline_e2e import DEMO, ROOT, small
 
 pytestmark = pytest.mark.integration

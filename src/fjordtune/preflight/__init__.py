@@ -21,7 +21,12 @@ from fjordtune.preflight.estimate import (
     explain_refusal,
     min_workers,
 )
-from fjordtune.preflight.params import LayerGroup, ParamCounts, count_parameters, meta_model_from_config
+from fjordtune.preflight.params import (
+    LayerGroup,
+    ParamCounts,
+    count_parameters,
+    meta_model_from_config,
+)
 
 __all__ = [
     "DEFAULT_FRAGMENTATION_FRACTION",

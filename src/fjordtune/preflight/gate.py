@@ -11,7 +11,13 @@ from typing import Any
 
 from fjordtune.config.schema import JobSpec
 from fjordtune.errors import PreflightRefused, UserError
-from fjordtune.preflight.estimate import GiB, MemoryEstimate, estimate_memory, explain_refusal, usable_bytes
+from fjordtune.preflight.estimate import (
+    GiB,
+    MemoryEstimate,
+    estimate_memory,
+    explain_refusal,
+    usable_bytes,
+)
 from fjordtune.preflight.params import ParamCounts
 
 log = logging.getLogger(__name__)

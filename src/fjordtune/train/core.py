@@ -20,7 +20,7 @@ from fjordtune.config.schema import JobSpec
 from fjordtune.data.sft import Example, tokenize_row
 from fjordtune.model.load import load_causal_lm, load_tokenizer
 from fjordtune.train.fsdp import shard_model
-from fjordtune.train.lora import Coverage, apply_lora
+from fjordtune.train.lora import apply_lora
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,6 @@ class TrainerCore:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=job.train.lr, weight_decay=job.train.weight_decay)
         self.step = 0
-
-    @property
-    def coverage_report(self) -> Coverage:
-        return self.coverage
 
     def examples(self, rows: list[dict[str, Any]]) -> list[Example]:
         """Tokenize chat rows (read once by the driver with `read_rows`) for this model."""
@@ -123,14 +119,21 @@ class TrainerCore:
     def save_resumable(self, directory: str | Path) -> None:
         """Adapter + optimizer state of this rank as a DCP shard (collective)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+        )
 
         msd, osd = get_state_dict(self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
 
     def load_resumable(self, directory: str | Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_state_dict,
+        )
 
         opts = StateDictOptions(ignore_frozen_params=True)
         msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
@@ -152,7 +155,10 @@ class TrainerCore:
 
     def save_adapter(self, directory: str | Path) -> bool:
         """Gather the full adapter (collective) and write it in peft format on rank 0; True on rank 0."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         if dist.is_initialized():
             full = get_model_state_dict(

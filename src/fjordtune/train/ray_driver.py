@@ -127,10 +127,8 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from fjordtune.storage import pyarrow_filesystem
-
     from fjordtune.data.sft import read_rows
-    from fjordtune.storage import Store
+    from fjordtune.storage import Store, pyarrow_filesystem
 
     # Read (and check) the data here, before any worker starts: bad rows fail fast and cost no GPU,
     # and workers need no access to the submitter's files.

@@ -1,6 +1,9 @@
-"""GPU checks of the Ray-free cores (trainer step, scorer, NVML sampler). Skipped without CUDA; run
-them on a GPU machine with `python -m pytest tests/test_gpu.py` (needs torch, transformers, peft and
-nvidia-ml-py only: no Ray, no lm-eval)."""
+"""GPU checks of the Ray-free cores (trainer step, scorer, NVML sampler). Skipped without CUDA.
+
+On a GPU machine: `scripts/gpu_check` (needs torch, transformers, peft, pytest and nvidia-ml-py; no
+Ray, no lm-eval). Where pydantic is missing, fetch its wheels first with `scripts/gpu_check
+--fetch-wheels` and bring the git-ignored `.whl/` folder along (the device tool: `carry: [".whl"]`).
+Write what it measured into docs/gpu-results.md."""
 
 from __future__ import annotations
 

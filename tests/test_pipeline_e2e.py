@@ -118,6 +118,11 @@ def test_training_resumes_where_it_stopped(ray_s3):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
+    # a finished run submitted again trains nothing more and keeps its adapter
+    again = pipeline.train(load_job(DEMO, small("resume")))
+    assert again["num_steps"] == 4
+    c = load_file(str(store.local_view(again["adapter_uri"], os.environ["FJORDTUNE_CACHE"]) / "adapter_model.safetensors"))
+    assert max((a[k] - c[k]).abs().max().item() for k in a) == 0
 
 
 def test_bad_training_data_fails_before_any_worker_starts(ray_s3, tmp_path):

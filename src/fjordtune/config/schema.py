@@ -147,7 +147,8 @@ class ResourcesSection(Section):
     use_gpu: bool = Field(default=False, description="Train and evaluate on GPUs (NCCL) instead of CPUs (gloo).")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs reserved per worker.")
     accelerator_memory_gib: float = Field(
-        default=80, gt=0, description="Memory of one accelerator, for the preflight memory check (H100: 80)."
+        default=79.6, gt=0, description="Memory of one accelerator in GiB, for the preflight check (an H100 "
+        "80 GB reports 81,559 MiB = 79.6 GiB; H200: 139.8).",
     )
     memory_headroom: float = Field(
         default=0.1, ge=0, lt=1, description="Fraction of accelerator memory preflight keeps free."

@@ -281,3 +281,15 @@ def test_pyarrow_filesystem_lists_what_store_uploaded(s3_env: S3Server, s3_prefi
 def test_pyarrow_filesystem_local(tmp_path: Path) -> None:
     filesystem, path = pyarrow_filesystem(str(tmp_path / "runs"))
     assert filesystem is None and path == str((tmp_path / "runs").resolve())
+
+
+def test_download_can_leave_out_weight_files(s3_prefix: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The eval driver only needs a model's tokenizer: it must not fetch the weights (238 GB at 119B)."""
+    from fjordtune.model.load import load_tokenizer, local_tokenizer_dir
+
+    store = Store()
+    store.upload_dir(tiny_model_dir, f"{s3_prefix}/model")
+    got = Path(local_tokenizer_dir(f"{s3_prefix}/model", store=store, dest=tmp_path / "tok"))
+    assert not list(got.glob("*.safetensors")) and (got / "config.json").exists()
+    assert load_tokenizer(str(got)).encode("Hei på deg") == load_tokenizer(str(tiny_model_dir)).encode("Hei på deg")
+    assert local_tokenizer_dir(str(tiny_model_dir), store=store, dest=tmp_path / "x") == str(tiny_model_dir)

@@ -11,6 +11,7 @@ import fnmatch
 import json
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,13 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
 
     from fjordtune.eval.noreval import chance_level
     from fjordtune.eval.ray_lm import RayDataLM
-    from fjordtune.model.load import load_tokenizer, local_model_dir
-    from fjordtune.storage import Store, cache_root
+    from fjordtune.model.load import load_tokenizer, local_tokenizer_dir
+    from fjordtune.storage import Store
 
     store = Store(endpoint_url=job.storage.endpoint_url)
-    tok_src = job.model.tokenizer or local_model_dir(model_uri, store=store, cache_root=cache_root())
-    tokenizer = load_tokenizer(tok_src)
+    # the driver only tokenizes: the scoring actors fetch the weights
+    with tempfile.TemporaryDirectory(prefix="fjordtune-tok-") as tmp:
+        tokenizer = load_tokenizer(job.model.tokenizer or local_tokenizer_dir(model_uri, store=store, dest=tmp))
     names, task_dict = build_tasks(job)
     if job.eval.limit:
         log.warning("eval.limit=%d: scoring a subsample; full evaluation is the default for a reason", job.eval.limit)

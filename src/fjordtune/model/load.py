@@ -162,6 +162,17 @@ def local_model_dir(location: str, *, store: Any, cache_root: str | Path) -> str
     return location
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def local_tokenizer_dir(location: str, *, store: Any, dest: str | Path) -> str:
+    """Where to load a model folder's tokenizer from without fetching its weights: an s3:// folder is
+    downloaded to `dest` minus the weight files (238 GB for the 119B model), other locations as they are."""
+    if location.startswith("s3://"):
+        return str(store.download_dir(location, dest, exclude=WEIGHT_FILES))
+    return location
+
+
 def load_causal_lm(location: str, *, dtype: str = "bfloat16", device: str = "cpu",
                    device_map: str | None = None) -> Any:
     """Load a causal LM and verify that every checkpoint key matched a parameter and vice versa.

@@ -6,6 +6,7 @@ a reader (a resume, an eval worker) never picks up a half-uploaded model or adap
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import shutil
@@ -119,8 +120,9 @@ class Store:
         self._guard(lambda: self.s3.put_object(Bucket=loc.bucket, Key=loc.child(MARKER).key, Body=commit), uri)
         log.info("uploaded %d files to %s", len(files), uri)
 
-    def download_dir(self, uri: str, local_dir: str | Path) -> Path:
-        """Copy a committed folder to `local_dir`; refuse an uncommitted (possibly partial) one."""
+    def download_dir(self, uri: str, local_dir: str | Path, *, exclude: tuple[str, ...] = ()) -> Path:
+        """Copy a committed folder to `local_dir`; refuse an uncommitted (possibly partial) one.
+        Files whose relative path matches a glob in `exclude` are left out (s3:// only)."""
         local_dir = Path(local_dir)
         if not self.is_committed(uri):
             raise UserError(f"{uri}: not found, or not completely written (no {MARKER} marker)")
@@ -131,6 +133,8 @@ class Store:
             return local_dir
         for key in self._guard(lambda: self._s3_keys(loc), uri):
             rel = key[len(loc.key) + 1 :] if loc.key else key
+            if any(fnmatch.fnmatch(rel, pat) for pat in exclude):
+                continue
             target = local_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             self._guard(lambda key=key, target=target: self.s3.download_file(loc.bucket, key, str(target)), uri)

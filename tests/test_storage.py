@@ -293,3 +293,59 @@ def test_download_can_leave_out_weight_files(s3_prefix: str, tiny_model_dir: Pat
     assert not list(got.glob("*.safetensors")) and (got / "config.json").exists()
     assert load_tokenizer(str(got)).encode("Hei på deg") == load_tokenizer(str(tiny_model_dir)).encode("Hei på deg")
     assert local_tokenizer_dir(str(tiny_model_dir), store=store, dest=tmp_path / "x") == str(tiny_model_dir)
+
+
+def test_missing_credentials_are_a_user_error_that_says_what_to_set(tmp_path: Path) -> None:
+    """No keys, no profile, no instance role: every call is a one-line UserError (exit 2) naming the URI
+    and the variables to set, never botocore's NoCredentialsError. Nothing is listening at the endpoint:
+    the request is refused before it is sent."""
+    from fjordtune.devstack import free_port
+
+    script = r"""
+import sys
+from fjordtune.errors import FjordtuneError
+from fjordtune.storage import Store
+store = Store()
+calls = {
+    "is_committed": lambda: store.is_committed("s3://fjordtune-tests/x"),
+    "read_bytes": lambda: store.read_bytes("s3://fjordtune-tests/x/y.json"),
+    "write_bytes": lambda: store.write_bytes("s3://fjordtune-tests/x/y.json", b"1"),
+    "ensure_bucket": lambda: store.ensure_bucket("s3://fjordtune-tests/x"),
+    "upload_dir": lambda: store.upload_dir(sys.argv[1], "s3://fjordtune-tests/x"),
+    "download_dir": lambda: store.download_dir("s3://fjordtune-tests/x", sys.argv[1] + "/out"),
+    "local_view": lambda: store.local_view("s3://fjordtune-tests/x", sys.argv[1] + "/cache"),
+}
+for name, call in calls.items():
+    try:
+        call()
+        print(name, "no error")
+    except FjordtuneError as e:
+        print(name, type(e).__name__, e.exit_code, str(e).replace("\n", "<newline>"))
+    except Exception as e:
+        print(name, type(e).__module__ + "." + type(e).__name__)
+"""
+    src = make_tree(tmp_path / "src", {"a.txt": b"x"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_CONFIG_FILE=str(tmp_path / "absent"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "absent"), AWS_EC2_METADATA_DISABLED="true",
+               PYTHONPATH=str(REPO / "src"))
+    res = subprocess.run([sys.executable, "-c", script, str(src)], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    results = dict(line.split(" ", 1) for line in res.stdout.splitlines())
+    assert len(results) == 7
+    for name, outcome in results.items():
+        assert outcome.startswith("UserError 2 s3://fjordtune-tests/"), f"{name}: {outcome}"
+        assert "no S3 credentials found" in outcome and "AWS_ACCESS_KEY_ID" in outcome, f"{name}: {outcome}"
+        assert "<newline>" not in outcome
+
+
+def test_unreachable_endpoint_is_a_one_line_infra_error(s3_env: S3Server) -> None:
+    from fjordtune.devstack import free_port
+
+    store = Store(endpoint_url=f"http://127.0.0.1:{free_port()}")
+    for call in (lambda: store.read_bytes(f"s3://{BUCKET}/x"), lambda: store.local_view(f"s3://{BUCKET}/x", "/nowhere")):
+        with pytest.raises(InfraError) as info:
+            call()
+        assert str(info.value).startswith(f"s3://{BUCKET}/x") and "\n" not in str(info.value)
+        assert info.value.exit_code == 3

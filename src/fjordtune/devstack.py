@@ -58,14 +58,20 @@ def weed_binary() -> str:
     return found
 
 
-def start_s3(data_dir: str | Path, *, log_path: str | Path | None = None, timeout: float = 60) -> S3Server:
-    """Start `weed mini` on free loopback ports with fresh credentials; return once S3 answers."""
+def start_s3(data_dir: str | Path, *, log_path: str | Path | None = None, timeout: float = 60,
+             access_log: bool = False) -> S3Server:
+    """Start `weed mini` on free loopback ports with fresh credentials; return once S3 answers.
+
+    `access_log`: also log every S3 request (`weed -v=2`), one line each, as it is served, e.g.
+    `... stats.go:42 "<identity>" GET "/<bucket>/<key>" 200 1.2ms` (HEAD requests read HEAD): what
+    tests count to see how often an object was really fetched."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     access, secret = "fjt" + secrets.token_hex(8), secrets.token_hex(20)
     s3_port = free_port()
     cmd = [
-        weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        weed_binary(), *(["-v=2"] if access_log else []), "mini", f"-dir={data_dir}",
+        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}",
         f"-s3.port={s3_port}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.telemetry=false",

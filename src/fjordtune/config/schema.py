@@ -131,6 +131,11 @@ class StorageSection(Section):
     endpoint_url: str | None = Field(
         default=None, description="S3 endpoint for non-AWS stores; default: the AWS_ENDPOINT_URL environment variable."
     )
+    cache_dir: str | None = Field(
+        default=None, description="Node-local folder where models and adapters are downloaded once per node and "
+        "shared by every training rank, eval actor and retry on that node (point it at the node's scratch volume). "
+        "Default: the FJORDTUNE_CACHE environment variable, else ~/.cache/fjordtune; never /tmp.",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -146,6 +151,10 @@ class ResourcesSection(Section):
     num_workers: int = Field(default=2, gt=0, description="Training workers (one per GPU).")
     use_gpu: bool = Field(default=False, description="Train and evaluate on GPUs (NCCL) instead of CPUs (gloo).")
     cpus_per_worker: float = Field(default=1, gt=0, description="CPUs reserved per worker.")
+    gpus_per_node: int = Field(
+        default=8, gt=0, description="GPUs on one node (one Ray node: a pod or a machine). Preflight checks that the "
+        "training ranks and every eval actor can be placed on nodes of this size; 8 for H100/H200 nodes.",
+    )
     accelerator_memory_gib: float = Field(
         default=79.6, gt=0, description="Memory of one accelerator in GiB, for the preflight check (an H100 "
         "80 GB reports 81,559 MiB = 79.6 GiB; H200: 139.8).",

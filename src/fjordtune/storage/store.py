@@ -6,11 +6,13 @@ a reader (a resume, an eval worker) never picks up a half-uploaded model or adap
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,49 @@ from fjordtune.errors import InfraError, UserError
 log = logging.getLogger(__name__)
 
 MARKER = "_COMMITTED"
+CACHE_ENV = "FJORDTUNE_CACHE"
+DEFAULT_CACHE = "~/.cache/fjordtune"
+NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+NO_CREDENTIALS = ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, "
+                  "or run where an instance role provides them")
 
 
-def cache_root() -> str:
-    """Where a node keeps downloaded models and adapters (FJORDTUNE_CACHE, default under /tmp)."""
-    import tempfile
+def cache_root(configured: str | None = None) -> str:
+    """The node-local folder where models and adapters are downloaded once and shared by every process
+    on the node: `configured` (the job's `storage.cache_dir`), else $FJORDTUNE_CACHE, else
+    ~/.cache/fjordtune. Never /tmp: a 238 GB model does not belong on a RAM-backed or small /tmp."""
+    return os.path.abspath(os.path.expanduser(configured or os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
 
-    return os.environ.get("FJORDTUNE_CACHE", os.path.join(tempfile.gettempdir(), "fjordtune-cache"))
+
+@contextlib.contextmanager
+def s3_errors(uri: str) -> Iterator[None]:
+    """Turn boto3/botocore failures into one-line fjordtune errors: missing credentials are the user's
+    to fix (exit 2); anything else the store or the network did is an infrastructure error (exit 3)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ProfileNotFound,
+    )
+
+    try:
+        yield
+    except NoCredentialsError:
+        raise UserError(f"{uri}: {NO_CREDENTIALS}") from None
+    except (PartialCredentialsError, ProfileNotFound) as e:
+        raise UserError(f"{uri}: {_one_line(e)}; {NO_CREDENTIALS.replace('no S3 credentials found: ', '')}") from None
+    except (BotoCoreError, ClientError, S3UploadFailedError) as e:
+        raise InfraError(f"{uri}: storage error: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _error_code(e: Any) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
 
 
 @dataclass(frozen=True)
@@ -110,7 +148,7 @@ class Store:
             return
         self._guard(lambda: self.s3.delete_object(Bucket=loc.bucket, Key=loc.child(MARKER).key), uri)
         wanted = {loc.child(f.relative_to(local_dir).as_posix()).key for f in files}
-        for key in self._guard(lambda: self._s3_keys(loc), uri):
+        for key in self._guard(lambda: self._s3_objects(loc), uri):
             if key not in wanted:  # leftovers of a previous commit must not mix into this one
                 self._guard(lambda key=key: self.s3.delete_object(Bucket=loc.bucket, Key=key), uri)
         for f in files:
@@ -120,48 +158,69 @@ class Store:
         self._guard(lambda: self.s3.put_object(Bucket=loc.bucket, Key=loc.child(MARKER).key, Body=commit), uri)
         log.info("uploaded %d files to %s", len(files), uri)
 
-    def download_dir(self, uri: str, local_dir: str | Path, *, exclude: tuple[str, ...] = ()) -> Path:
-        """Copy a committed folder to `local_dir`; refuse an uncommitted (possibly partial) one.
-        Files whose relative path matches a glob in `exclude` are left out (s3:// only)."""
-        local_dir = Path(local_dir)
-        if not self.is_committed(uri):
-            raise UserError(f"{uri}: not found, or not completely written (no {MARKER} marker)")
+    def commit_id(self, uri: str) -> str:
+        """The id in the folder's commit marker; a UserError if the folder is absent or uncommitted."""
         loc = Location.parse(uri)
-        local_dir.mkdir(parents=True, exist_ok=True)
+        marker = loc.child(MARKER)
         if loc.scheme == "file":
-            shutil.copytree(loc.key, local_dir, dirs_exist_ok=True)
-            return local_dir
-        for key in self._guard(lambda: self._s3_keys(loc), uri):
-            rel = key[len(loc.key) + 1 :] if loc.key else key
-            if any(fnmatch.fnmatch(rel, pat) for pat in exclude):
-                continue
+            path = Path(marker.key)
+            data = path.read_bytes() if path.is_file() else None
+        else:
+            data = self._s3_get(marker, uri)
+        if data is None:
+            raise UserError(f"{uri}: not found, or not completely written (no {MARKER} marker)")
+        return data.decode().strip() or "none"
+
+    def list_files(self, uri: str) -> dict[str, int]:
+        """Size in bytes of every file under `uri` (marker included), by path relative to `uri`."""
+        loc = Location.parse(uri)
+        if loc.scheme == "file":
+            root = Path(loc.key)
+            if not root.is_dir():
+                return {}
+            return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+        with s3_errors(uri):
+            objects = self._s3_objects(loc)
+        return {key[len(loc.key) + 1 :] if loc.key else key: size for key, size in objects.items()}
+
+    def download_files(self, uri: str, rel_paths: Iterable[str], local_dir: str | Path, *,
+                       on_bytes: Callable[[int], None] | None = None) -> None:
+        """Copy the given files of the folder `uri` into `local_dir`; `on_bytes(n)` is called as bytes
+        arrive (from transfer threads). Checks no marker: see `download_dir` and `local_view`."""
+        loc = Location.parse(uri)
+        local_dir = Path(local_dir)
+        for rel in rel_paths:
             target = local_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._guard(lambda key=key, target=target: self.s3.download_file(loc.bucket, key, str(target)), uri)
+            if loc.scheme == "file":
+                shutil.copyfile(Path(loc.key) / rel, target)
+                if on_bytes:
+                    on_bytes(target.stat().st_size)
+                continue
+            with s3_errors(uri):
+                self.s3.download_file(loc.bucket, loc.child(rel).key, str(target), Callback=on_bytes)
+
+    def download_dir(self, uri: str, local_dir: str | Path, *, exclude: tuple[str, ...] = ()) -> Path:
+        """Copy a committed folder to `local_dir`; refuse an uncommitted (possibly partial) one.
+        Files whose relative path matches a glob in `exclude` are left out."""
+        self.commit_id(uri)
+        local_dir = Path(local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        files = [rel for rel in self.list_files(uri) if not any(fnmatch.fnmatch(rel, pat) for pat in exclude)]
+        self.download_files(uri, files, local_dir)
         return local_dir
 
-    def local_view(self, uri: str, cache_root: str | Path) -> Path:
-        """A local path holding the committed folder `uri`: itself when local, else a cached download."""
+    def local_view(self, uri: str, cache_root: str | Path, *, min_free_bytes: int | None = None) -> Path:
+        """A local path holding the committed folder `uri`: itself when local, else this node's cached
+        copy, downloaded once per node and commit (see `fjordtune.storage.cache`). `min_free_bytes`:
+        disk space that must stay free after a download (default: $FJORDTUNE_CACHE_MIN_FREE, else 1 GiB)."""
         loc = Location.parse(uri)
         if loc.scheme == "file":
-            if not self.is_committed(uri):
-                raise UserError(f"{uri}: not found, or not completely written (no {MARKER} marker)")
+            self.commit_id(uri)
             return Path(loc.key)
-        # keyed by the commit id in the marker: a folder rewritten under the same URI is fetched anew
-        if not self.is_committed(uri):
-            raise UserError(f"{uri}: not found, or not completely written (no {MARKER} marker)")
-        commit = self.read_bytes(str(loc.child(MARKER))).decode() or "none"
-        target = Path(cache_root) / loc.bucket / loc.key / commit
-        if not (target / MARKER).exists():
-            tmp = target.with_name(target.name + f".partial-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.download_dir(uri, tmp)  # includes the marker, so `target` only ever appears whole
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(tmp, target)
-            except OSError:  # another process on this node won the race
-                shutil.rmtree(tmp, ignore_errors=True)
-        return target
+        from fjordtune.storage.cache import cached_folder
+
+        return cached_folder(self, uri, cache_root, min_free_bytes=min_free_bytes)
 
     # -- single objects ------------------------------------------------------------------------
     def write_bytes(self, uri: str, data: bytes) -> None:
@@ -182,14 +241,10 @@ class Store:
                 return Path(loc.key).read_bytes()
             except FileNotFoundError:
                 raise UserError(f"{uri}: no such file") from None
-        from botocore.exceptions import ClientError
-
-        try:
-            return self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise UserError(f"{uri}: no such object") from None
-            raise InfraError(f"{uri}: {e}") from None
+        data = self._s3_get(loc, uri)
+        if data is None:
+            raise UserError(f"{uri}: no such object")
+        return data
 
     def ensure_bucket(self, uri: str) -> None:
         """Create the bucket of an s3:// URI if it does not exist (used by the demo and tests)."""
@@ -199,37 +254,47 @@ class Store:
             return
         from botocore.exceptions import ClientError
 
-        try:
-            self.s3.head_bucket(Bucket=loc.bucket)
-        except ClientError:
-            self._guard(lambda: self.s3.create_bucket(Bucket=loc.bucket), uri)
+        with s3_errors(uri):
+            try:
+                self.s3.head_bucket(Bucket=loc.bucket)
+            except ClientError:
+                self.s3.create_bucket(Bucket=loc.bucket)
 
     # -- helpers -------------------------------------------------------------------------------
     def _s3_exists(self, loc: Location) -> bool:
         from botocore.exceptions import ClientError
 
-        try:
-            self.s3.head_object(Bucket=loc.bucket, Key=loc.key)
-            return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise InfraError(f"{loc}: {e}") from None
+        with s3_errors(str(loc)):
+            try:
+                self.s3.head_object(Bucket=loc.bucket, Key=loc.key)
+                return True
+            except ClientError as e:
+                if _error_code(e) in NOT_FOUND:
+                    return False
+                raise
 
-    def _s3_keys(self, loc: Location) -> list[str]:
+    def _s3_get(self, loc: Location, uri: str) -> bytes | None:
+        """The object's bytes, or None if there is no such object."""
+        from botocore.exceptions import ClientError
+
+        with s3_errors(uri):
+            try:
+                return self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+            except ClientError as e:
+                if _error_code(e) in NOT_FOUND:
+                    return None
+                raise
+
+    def _s3_objects(self, loc: Location) -> dict[str, int]:
         prefix = f"{loc.key}/" if loc.key else ""
-        keys = []
+        objects: dict[str, int] = {}
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
-            keys.extend(o["Key"] for o in page.get("Contents", []))
-        return [k for k in keys if not k.endswith("/")]
+            objects.update((o["Key"], int(o["Size"])) for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+        return objects
 
-    def _guard(self, fn, uri: str) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+    def _guard(self, fn: Callable[[], Any], uri: str) -> Any:
+        with s3_errors(uri):
             return fn()
-        except (BotoCoreError, ClientError) as e:
-            raise InfraError(f"{uri}: storage error: {e}") from None
 
 
 def pyarrow_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[Any, str]:

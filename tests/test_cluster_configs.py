@@ -538,7 +538,7 @@ def test_crd_validation_rejects_broken_rayjob(change: str, value: Any, expected:
 
 
 # --------------------------------------------------------------------------------------------
-# what the manifests must say for the story (7 x 1 H100 workers, CPU head, S3 from a Secret)
+# what the manifests must say for the story (one 8x H100 worker pod, CPU head, S3 from a Secret)
 
 
 def _containers(cluster_spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -549,7 +549,7 @@ def _containers(cluster_spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, A
             yield group["groupName"], container
 
 
-def test_raycluster_has_a_cpu_head_and_seven_single_gpu_workers() -> None:
+def test_raycluster_has_a_cpu_head_and_one_eight_gpu_worker_pod() -> None:
     spec = raycluster()["spec"]
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
@@ -557,9 +557,11 @@ def test_raycluster_has_a_cpu_head_and_seven_single_gpu_workers() -> None:
     assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {})
     assert {p["containerPort"] for p in head_container["ports"]} >= {6379, 8265}
     (group,) = spec["workerGroupSpecs"]
-    assert group["minReplicas"] == group["replicas"] == group["maxReplicas"] == 7
+    # one pod holds the whole node: the 7 FSDP2 ranks share it (NVLink), then 2 eval actors of 4 GPUs
+    assert group["minReplicas"] == group["replicas"] == group["maxReplicas"] == 1
     worker = group["template"]["spec"]["containers"][0]
-    assert str(worker["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert str(worker["resources"]["limits"]["nvidia.com/gpu"]) == "8"
+    assert worker["resources"]["requests"] == worker["resources"]["limits"], "not a Guaranteed pod"
     for role, container in _containers(spec):
         volumes = {v["name"]: v for v in (head if role == "head" else group)["template"]["spec"]["volumes"]}
         shm = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
@@ -743,4 +745,106 @@ def test_image_tag_version_matches_the_package_version() -> None:
     tag = IMAGE_TAG_RE.match(next(iter(_all_images().values())))
     assert tag and tag["version"] == version, (
         f"images are tagged {tag and tag['version']}, the package is {version}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# every shipped cluster runs the shipped job: placement and sizing from preflight's own figures
+
+JOB = REPO_ROOT / "jobs" / "norskmistral-119b.yaml"
+OFFLINE = ["model.path=builtin:mistral-small-4"]  # the real model's config, no S3 needed
+CACHE_DIR = "/mnt/scratch/fjordtune-cache"
+# Memory of the launcher's instance types (AWS instance-type pages); the launcher file does not say it.
+INSTANCE_MEMORY_GIB = {"p5.48xlarge": 2048, "m6i.2xlarge": 32}
+SHM_FLOOR_BYTES = 8 << 30
+"""Ray's object store (the eval requests of the full NorEval are < 1 GiB) and NCCL's buffers."""
+
+
+@functools.cache
+def _job_and_counts() -> tuple[Any, Any]:
+    from fjordtune.config import load_job
+    from fjordtune.preflight.gate import count
+
+    job = load_job(JOB, OFFLINE)
+    return job, count(job)
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: str(p.relative_to(CLUSTER_DIR)))
+def test_every_cluster_file_places_the_shipped_job(path: Path) -> None:
+    """All 7 ranks on one node (NCCL on NVLink), and after training every eval actor at once."""
+    from fjordtune.preflight.gate import check, placement
+    from fjordtune.preflight.placement import read_cluster_file
+
+    job, counts = _job_and_counts()
+    shape = read_cluster_file(path)
+    assert all(g.gpus >= 8 for g in shape.groups if g.gpus), shape.describe()
+    placed = placement(job, shape)
+    assert placed.fits and not placed.warnings, placed.lines()
+    assert placed.train.ranks_per_node == (job.resources.num_workers,) == (7,)
+    assert placed.eval is not None and placed.eval.concurrent == job.eval.num_workers == 2
+    assert placed.eval.gpus_per_actor == job.eval.gpus_per_worker == 4
+    report = check(job, counts=counts, cluster=shape)
+    assert report.fits and report.as_dict()["placement"]["train"]["nodes_spanned"] == 1
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: str(p.relative_to(CLUSTER_DIR)))
+def test_every_cluster_file_is_sized_from_the_preflight_figures(path: Path) -> None:
+    """Memory, /dev/shm and the model cache's disk of the nodes the job uses, against
+    `estimate_loading` for Mistral Small 4 with the ranks per node that placement gives."""
+    from fjordtune.preflight.gate import placement
+    from fjordtune.preflight.loading import FP32, estimate_loading
+    from fjordtune.preflight.placement import read_cluster_file
+
+    job, counts = _job_and_counts()
+    shape = read_cluster_file(path)
+    placed = placement(job, shape)
+    ranks_per_node = placed.train.ranks_per_node[0]
+    eval_actors_per_node = placed.eval.actors_per_node if placed.eval else 0
+    figures = {
+        stored: estimate_loading(counts, num_workers=job.resources.num_workers, ranks_per_node=ranks_per_node,
+                                 load_bytes=2, checkpoint_bytes_per_param=stored)
+        for stored in (1, 2)  # the FP8 release, the bf16 folder the job points at
+    }
+    host_need = max(max(f.host_bytes_per_node, eval_actors_per_node * f.eval_host_bytes_per_actor)
+                    for f in figures.values())
+    adapter_bytes = counts.lora_params * FP32
+    config = _load_yaml(path)
+    for group in (g for g in shape.groups if g.gpus):
+        memory = group.memory_bytes
+        if memory is None:  # a launcher node: the instance's memory
+            node_type = config["available_node_types"][group.name.rsplit(" ", 1)[-1]]
+            memory = INSTANCE_MEMORY_GIB[node_type["node_config"]["InstanceType"]] << 30
+        assert group.shm_bytes is not None and group.shm_bytes >= SHM_FLOOR_BYTES, group
+        # /dev/shm is memory: it counts against the same limit as the ranks' host memory
+        assert memory >= host_need + group.shm_bytes, (group.name, memory / 2**30, host_need / 2**30)
+        assert group.cache_dir == CACHE_DIR, f"{group.name}: FJORDTUNE_CACHE is {group.cache_dir}"
+        assert group.scratch_bytes is not None, f"{group.name}: the model cache is on no sized volume"
+        assert group.scratch_bytes >= figures[2].checkpoint_bytes + adapter_bytes, (
+            group.name, group.scratch_bytes / 2**30, figures[2].checkpoint_bytes / 2**30)
+
+
+def test_kuberay_pods_point_the_cache_at_their_scratch_volume() -> None:
+    from fjordtune.preflight.placement import k8s_quantity
+
+    for label, spec in (("raycluster", raycluster()["spec"]), ("rayjob", rayjob()["spec"]["rayClusterSpec"])):
+        for group in spec["workerGroupSpecs"]:
+            container = group["template"]["spec"]["containers"][0]
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert env.get("FJORDTUNE_CACHE") == CACHE_DIR, label
+            volume = next(v for v in group["template"]["spec"]["volumes"] if v["name"] == mounts["/mnt/scratch"])
+            assert volume["emptyDir"].get("medium") != "Memory", f"{label}: the model cache would live in RAM"
+            storage = container["resources"]["requests"].get("ephemeral-storage")
+            assert storage is not None, f"{label}: no ephemeral-storage request for the scratch volume"
+            assert k8s_quantity(storage) >= k8s_quantity(volume["emptyDir"]["sizeLimit"]), label
+
+
+def test_launcher_mounts_the_cache_and_creates_it_for_the_image_user() -> None:
+    config = _load_yaml(LAUNCHER)
+    options = " ".join(config["docker"]["run_options"])
+    assert f"--env FJORDTUNE_CACHE={CACHE_DIR}" in options
+    assert "--volume /mnt/scratch:/mnt/scratch" in options
+    users = [i.args.split()[0] for i in dockerfile_instructions() if i.keyword == "USER"]
+    assert any(f"chown {users[-1]} /mnt/scratch" in c for c in config["initialization_commands"]), (
+        "the mounted scratch folder must belong to the image's user"
     )

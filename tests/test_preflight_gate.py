@@ -91,6 +91,43 @@ def test_preflight_cli_exit_codes_and_json():
     refused = _cli("preflight", str(REAL), "--set", OFFLINE[0], "--set", "resources.num_workers=6")
     assert refused.returncode == 2
     assert "REFUSED" in refused.stdout and "Traceback" not in refused.stderr
+    assert data["min_gpus"] == 7
+    placement = data["placement"]
+    assert placement["fits"] and placement["problems"] == [] and placement["source"] == "resources.gpus_per_node"
+    assert placement["train"] == {"num_workers": 7, "ranks_per_node": [7], "nodes_spanned": 1, "fits": True}
+    assert placement["eval"]["actors_per_node"] == 2 and placement["eval"]["concurrent"] == 2
+
+
+def test_refused_json_names_the_smallest_gpu_count_that_fits():
+    """`--set resources.num_workers=4`: refused (exit 2), and the JSON says how many GPUs would do."""
+    out = _cli("preflight", str(REAL), "--set", OFFLINE[0], "--set", "resources.num_workers=4", "--json")
+    assert out.returncode == 2, out.stderr
+    data = json.loads(out.stdout)
+    assert not data["fits"] and data["num_workers"] == 4 and data["min_gpus"] == 7
+    assert data["placement"]["fits"], "4 ranks fit one node: the refusal is memory, not placement"
+
+
+def test_min_gpus_is_the_estimators_min_workers(real_counts):
+    from fjordtune.preflight.gate import check
+
+    for coverage in ([], ["lora.target_modules=[o_proj]", "lora.target_parameters=[]"]):
+        job = load_job(REAL, [*OFFLINE, *coverage])
+        report = check(job, refuse=False, counts=None if coverage else real_counts)
+        assert report.min_gpus is not None and report.min_gpus <= 7
+        assert report.as_dict()["min_gpus"] == report.min_gpus
+    # CPU runs share one machine's memory: no GPU count to name
+    assert check(load_job(ROOT / "jobs" / "demo.yaml")).min_gpus is None
+
+
+def test_placement_refusal_makes_the_gate_refuse(real_counts):
+    from fjordtune.preflight.gate import check
+
+    job = load_job(REAL, [*OFFLINE, "resources.gpus_per_node=2"])
+    with pytest.raises(PreflightRefused) as err:
+        check(job, counts=real_counts)
+    text = "\n".join(err.value.lines)
+    assert "train: fits" in text and "eval: fits" in text
+    assert "placement: REFUSED: eval: an actor needs 4 GPUs on one node, but nodes have 2" in text
 
 
 def test_eval_that_cannot_hold_the_model_is_refused_before_training(real_counts):

@@ -33,6 +33,12 @@ def _job_args(p: argparse.ArgumentParser, *, many: bool = False) -> None:
                    help="override a job-file key, e.g. --set train.lr=1e-4 (repeatable)")
 
 
+def _cluster_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", metavar="FILE",
+                   help="check placement against this cluster's node shapes: a KubeRay RayCluster or RayJob manifest "
+                   "or a Ray cluster-launcher YAML (default: nodes of resources.gpus_per_node GPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fjordtune", description="LoRA fine-tuning of large MoE models on Ray (FSDP2) and full NorEval evaluation.",
@@ -52,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "will not fit, naming the smallest worker count that would. Needs no GPU and no cluster.")
     _job_args(p)
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    _cluster_arg(p)
 
     p = sub.add_parser("train", help="preflight, then LoRA training on Ray Train with FSDP2",
                        description="Run the preflight check, stage the base model, and train the LoRA adapter on the "
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
     p.add_argument("--skip-preflight", action="store_true", help="submit even if the estimate says it will not fit")
     p.add_argument("--output-dir", metavar="DIR", help="local output folder of the run on the cluster's driver node")
+    _cluster_arg(p)
     return parser
 
 
@@ -151,8 +159,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     from fjordtune.preflight.gate import check
+    from fjordtune.preflight.placement import read_cluster_file
 
-    report = check(_load(args), refuse=False)
+    job = _load(args)
+    cluster = read_cluster_file(args.cluster) if args.cluster else None
+    report = check(job, refuse=False, cluster=cluster)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -209,7 +220,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from fjordtune.submit import submit
 
     return submit(args.job, overrides=args.overrides, address=args.address, wait=not args.no_wait,
-                  skip_preflight=args.skip_preflight, output_dir=args.output_dir)
+                  skip_preflight=args.skip_preflight, output_dir=args.output_dir, cluster=args.cluster)
 
 
 COMMANDS = {

@@ -27,9 +27,16 @@ def entrypoint(job_path: str, overrides: list[str], output_dir: str | None = Non
 
 
 def submit(job_path: str, *, overrides: list[str], address: str | None, wait: bool = True,
-           skip_preflight: bool = False, output_dir: str | None = None) -> int:
+           skip_preflight: bool = False, output_dir: str | None = None, cluster: str | None = None) -> int:
+    """`cluster`: a cluster file (KubeRay manifest or launcher YAML) whose node shapes preflight checks the
+    placement against, instead of `resources.gpus_per_node`."""
     job = load_job(job_path, overrides)
-    if not skip_preflight:
+    if not skip_preflight and cluster:
+        from fjordtune.preflight.gate import check
+        from fjordtune.preflight.placement import read_cluster_file
+
+        print(check(job, cluster=read_cluster_file(cluster)).text, flush=True)
+    elif not skip_preflight:
         from fjordtune.pipeline import preflight
 
         preflight(job)

@@ -8,21 +8,29 @@ result order never depends on Ray Data's ordering.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
+from collections import Counter
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
 
-from fjordtune.errors import FjordtuneError, reraise_as_fjordtune
+from fjordtune.errors import FjordtuneError, InfraError, UserError, reraise_as_fjordtune
+from fjordtune.preflight.placement import ClusterShape, NodeGroup, place_eval
 
 log = logging.getLogger(__name__)
+
+ACTOR_START_TIMEOUT_S = 3600.0
+"""How long Ray Data may take to start the scoring actors: being placed, then `ScoreActor.__init__`,
+which downloads the model into the node-local cache and loads it (minutes for a 119B model). Without a
+bound, an actor that is never placed (its GPUs held by something else) makes the eval wait forever."""
 
 
 class ScoreActor:
     """One Ray Data actor: loads the model once, then scores batches of requests."""
 
     def __init__(self, *, model_uri: str, adapter_uri: str | None, dtype: str, use_gpu: bool,
-                 endpoint_url: str | None) -> None:
+                 endpoint_url: str | None, cache_dir: str | None = None) -> None:
         from fjordtune.eval.scorer import Scorer
         from fjordtune.model.load import local_model_dir
         from fjordtune.storage import Store, cache_root
@@ -30,8 +38,9 @@ class ScoreActor:
         self.error: FjordtuneError | None = None
         try:
             store = Store(endpoint_url=endpoint_url)
-            model_dir = local_model_dir(model_uri, store=store, cache_root=cache_root())
-            adapter_dir = local_model_dir(adapter_uri, store=store, cache_root=cache_root()) if adapter_uri else None
+            cache = cache_root(cache_dir)  # one download per node, shared with the training ranks
+            model_dir = local_model_dir(model_uri, store=store, cache_root=cache)
+            adapter_dir = local_model_dir(adapter_uri, store=store, cache_root=cache) if adapter_uri else None
             self.scorer = Scorer(model_dir, adapter_dir=adapter_dir, dtype=dtype, device="cuda" if use_gpu else "cpu")
         except FjordtuneError as e:
             # Ray reports an exception from an actor's __init__ only as text (ActorDiedError): raise it
@@ -52,13 +61,17 @@ class RayDataLM(TemplateLM):
 
     def __init__(self, *, model_uri: str, tokenizer: Any, adapter_uri: str | None = None, dtype: str = "float32",
                  num_workers: int = 2, batch_size: int = 16, use_gpu: bool = False, cpus_per_worker: float = 1,
-                 endpoint_url: str | None = None, name: str = "model", gpus_per_worker: int = 1) -> None:
+                 endpoint_url: str | None = None, name: str = "model", gpus_per_worker: int = 1,
+                 cache_dir: str | None = None,
+                 actor_start_timeout_s: float = ACTOR_START_TIMEOUT_S) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.model_uri, self.adapter_uri, self.dtype = model_uri, adapter_uri, dtype
         self.num_workers, self.batch_size, self.use_gpu = num_workers, batch_size, use_gpu
         self.cpus_per_worker, self.endpoint_url, self.name = cpus_per_worker, endpoint_url, name
+        self.cache_dir = cache_dir
         self.gpus_per_worker = gpus_per_worker
+        self.actor_start_timeout_s = actor_start_timeout_s
         self.num_scored = 0
 
     @property
@@ -99,37 +112,82 @@ class RayDataLM(TemplateLM):
         items = [{"idx": i, "ctx": ctx, "cont": cont} for i, (_, ctx, cont) in enumerate(requests)]
         # longest first: batches of similar length waste less padding
         items.sort(key=lambda r: -(len(r["ctx"]) + len(r["cont"])))
-        log.info("%s: scoring %d requests on %d Ray Data actors", self.name, len(items), self.num_workers)
+        num_actors = self.placeable_actors(ray.nodes())
+        log.info("%s: scoring %d requests on %d Ray Data actors", self.name, len(items), num_actors)
+        context = ray.data.DataContext.get_current()
         # the scorer's own errors (a model folder with missing weights) must arrive as themselves
-        ray.data.DataContext.get_current().raise_original_map_exception = True
-        with warnings.catch_warnings():  # max_restarts/max_task_retries have no named parameter yet
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            ds = self._pipeline(ray.data.from_items(items))
+        context.raise_original_map_exception = True
+        # Ray Data waits for its actors without limit by default: bound it (whole seconds, an int field)
+        previous_wait = context.wait_for_min_actors_s
+        context.wait_for_min_actors_s = max(1, math.ceil(self.actor_start_timeout_s))
         out: list[tuple[float, bool] | None] = [None] * len(requests)
+        timed_out = False
         try:
+            with warnings.catch_warnings():  # max_restarts/max_task_retries have no named parameter yet
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                ds = self._pipeline(ray.data.from_items(items), num_actors=num_actors)
             for row in ds.iter_rows():
                 out[int(row["idx"])] = (float(row["logprob"]), bool(row["greedy"]))
         except Exception as e:  # a bad model folder on an actor is the user's error, not a crash
             reraise_as_fjordtune(e)
-            raise
+            if not _actor_start_timed_out(e):
+                raise
+            timed_out = True
+        finally:
+            context.wait_for_min_actors_s = previous_wait
+        if timed_out:
+            # Ray Data leaves the actor it waited for pending; once placed, it starts and exits (its handle
+            # is gone). When this ends the driver (`fjordtune run`), it goes with the driver's job.
+            raise InfraError(
+                f"eval: {num_actors} scoring actor(s) ({self._actor_needs()} each) did not start within "
+                f"{self.actor_start_timeout_s:g} s: their resources are held by other work (a training run "
+                "still releasing its GPUs, another job), or loading the model took longer than that")
         missing = [i for i, r in enumerate(out) if r is None]
         if missing:
             raise RuntimeError(f"{len(missing)} requests came back unscored (first: {missing[:5]})")
         self.num_scored += len(requests)
         return out  # type: ignore[return-value]
 
-    def _pipeline(self, ds: Any) -> Any:
+    def _actor_needs(self) -> str:
+        gpus = f"{self.gpus_per_worker} GPU(s) and " if self.use_gpu else ""
+        return f"{gpus}{self.cpus_per_worker:g} CPU(s)"
+
+    def placeable_actors(self, nodes: list[dict[str, Any]]) -> int:
+        """How many scoring actors the cluster's alive nodes (`ray.nodes()`) hold at once, at most
+        `num_workers`; raise `UserError` when not even one fits on any node (Ray Data would wait for
+        it forever)."""
+        alive = [n.get("Resources") or {} for n in nodes if n.get("Alive")]
+        shape = ClusterShape(source="the connected Ray cluster", groups=tuple(
+            NodeGroup(name=f"node {i}", gpus=int(r.get("GPU", 0)), cpus=float(r.get("CPU", 0)), num_nodes=1)
+            for i, r in enumerate(alive)))
+        placed = place_eval(shape, num_actors=self.num_workers, gpus_per_actor=self.gpus_per_worker if self.use_gpu
+                            else 0, cpus_per_actor=self.cpus_per_worker)
+        if not placed.fits:
+            seen = Counter((r.get("CPU", 0), r.get("GPU", 0)) for r in alive)
+            have = ", ".join(f"{n} x ({c:g} CPUs, {g:g} GPUs)" for (c, g), n in sorted(seen.items())) or "none"
+            raise UserError(
+                f"eval: a scoring actor needs {self._actor_needs()} on one node, but no alive node of the "
+                f"connected Ray cluster has them (nodes: {have}); it holds the whole model and cannot span "
+                "nodes: use nodes with enough GPUs and CPUs, or lower eval.gpus_per_worker / "
+                "resources.cpus_per_worker (`fjordtune preflight JOB --cluster FILE` checks this before submitting)")
+        if placed.concurrent < self.num_workers:
+            log.warning("%s: eval.num_workers=%d scoring actors requested, but the cluster holds %d at once "
+                        "(%s each): starting %d", self.name, self.num_workers, placed.concurrent,
+                        self._actor_needs(), placed.concurrent)
+        return placed.concurrent
+
+    def _pipeline(self, ds: Any, *, num_actors: int | None = None) -> Any:
         from ray.data import ActorPoolStrategy
 
         return ds.map_batches(
             ScoreActor,
             fn_constructor_kwargs={
                 "model_uri": self.model_uri, "adapter_uri": self.adapter_uri, "dtype": self.dtype,
-                "use_gpu": self.use_gpu, "endpoint_url": self.endpoint_url,
+                "use_gpu": self.use_gpu, "endpoint_url": self.endpoint_url, "cache_dir": self.cache_dir,
             },
             batch_size=self.batch_size,
             batch_format="numpy",
-            compute=ActorPoolStrategy(size=self.num_workers),
+            compute=ActorPoolStrategy(size=num_actors or self.num_workers),
             num_gpus=self.gpus_per_worker if self.use_gpu else 0,
             num_cpus=self.cpus_per_worker,
             # Ray Data restarts and retries forever by default, so a crash that repeats (a bad model
@@ -143,3 +201,16 @@ class RayDataLM(TemplateLM):
 
     def generate_until(self, requests: Any, disable_tqdm: bool = False) -> list[str]:
         raise NotImplementedError("fjordtune's Ray Data scorer supports multiple-choice (loglikelihood) tasks only")
+
+
+def _actor_start_timed_out(exc: BaseException) -> bool:
+    """Whether Ray Data gave up waiting for its actors (`wait_for_min_actors_s`), wrapped or not."""
+    from ray.exceptions import GetTimeoutError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, GetTimeoutError) or "Timed out while starting actors" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

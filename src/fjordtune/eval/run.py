@@ -98,6 +98,7 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
         model_uri=model_uri, adapter_uri=adapter_uri, tokenizer=tokenizer, dtype=job.model.dtype,
         num_workers=job.eval.num_workers, batch_size=job.eval.batch_size, use_gpu=job.resources.use_gpu,
         cpus_per_worker=job.resources.cpus_per_worker, endpoint_url=job.storage.endpoint_url, name=label,
+        cache_dir=job.storage.cache_dir,
         gpus_per_worker=job.eval.gpus_per_worker,
     )
     t0 = time.perf_counter()

@@ -16,9 +16,11 @@ from fjordtune.preflight.estimate import (
     MemoryEstimate,
     estimate_memory,
     explain_refusal,
+    min_workers,
     usable_bytes,
 )
 from fjordtune.preflight.params import ParamCounts
+from fjordtune.preflight.placement import ClusterShape, Placement, check_placement, shape_from_gpus_per_node
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ class PreflightReport:
     device: str  # "gpu" or "cpu"
     lora_coverage: str
     eval: EvalEstimate | None = None
+    placement: Placement | None = None
+    min_gpus: int | None = None
+    """Smallest training worker count that fits in memory (GPU runs; None on CPU or when none does)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +86,8 @@ class PreflightReport:
                 "fits": self.eval.fits, "per_actor_bytes": self.eval.total_bytes,
                 "gpus_per_worker": self.eval.gpus_per_worker, "usable_bytes": self.eval.usable_bytes,
             },
+            "min_gpus": self.min_gpus,
+            "placement": None if self.placement is None else self.placement.as_dict(),
         }
 
 
@@ -142,9 +149,21 @@ def estimate_eval(job: JobSpec, counts: ParamCounts, capacity_bytes: int) -> Eva
     )
 
 
-def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = None) -> PreflightReport:
-    """Estimate the job's per-worker peak; raise `PreflightRefused` (if `refuse`) when it cannot fit
-    or when a LoRA target matches nothing."""
+def placement(job: JobSpec, cluster: ClusterShape | None = None) -> Placement:
+    """Training ranks and eval actors on `cluster`'s nodes, or on nodes of `resources.gpus_per_node` GPUs."""
+    return check_placement(
+        cluster or shape_from_gpus_per_node(job.resources.gpus_per_node, use_gpu=job.resources.use_gpu),
+        num_workers=job.resources.num_workers, use_gpu=job.resources.use_gpu,
+        cpus_per_worker=job.resources.cpus_per_worker,
+        eval_actors=job.eval.num_workers if job.eval.models else None, gpus_per_eval_actor=job.eval.gpus_per_worker,
+    )
+
+
+def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = None,
+          cluster: ClusterShape | None = None) -> PreflightReport:
+    """Estimate the job's per-worker peak and place its ranks and eval actors (on `cluster`'s nodes when
+    given); raise `PreflightRefused` (if `refuse`) when it cannot fit or be placed, or when a LoRA target
+    matches nothing."""
     counts = counts or count(job)
     if counts.lora_unmatched_targets:
         raise PreflightRefused(
@@ -185,9 +204,17 @@ def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = Non
             lines.append(ev.line().replace("eval: ", "eval: REFUSED: ", 1) + "; a scoring actor holds the whole "
                          f"model: set eval.gpus_per_worker: {need} (or more)")
             fits = False
+    min_gpus = None
+    if device == "gpu":
+        min_gpus = min_workers(counts, capacity_bytes=cap, headroom_fraction=headroom,
+                               max_workers=max(MAX_WORKERS_SEARCHED, job.resources.num_workers), **kwargs)
+    placed = placement(job, cluster)
+    lines.extend(placed.lines())
+    fits = fits and placed.fits
     lines.append("preflight: OK" if fits else "preflight: REFUSED")
     text = "\n".join(lines)
-    report = PreflightReport(fits, text, est, cap, usable, device, counts.lora_coverage(), ev)
+    report = PreflightReport(fits, text, est, cap, usable, device, counts.lora_coverage(), ev,
+                             placement=placed, min_gpus=min_gpus)
     if not fits and refuse:
         raise PreflightRefused(text, "refused before any accelerator was allocated; "
                                "`fjordtune train --skip-preflight` overrides at your own risk")

@@ -1,0 +1,109 @@
+"""Analytic memory and disk of the loading phase: a pure function of numbers, like `estimate.py`.
+
+The sharded loader (`fjordtune.model.weights`) builds the model on the meta device, shards it, and
+then fills each rank's slices straight from the safetensors files, one bounded chunk at a time. So
+while loading:
+
+- a rank's device holds its shards of the frozen weights and of the adapters, plus one staged chunk;
+- a rank's host holds the process runtime and the staging buffers of one chunk (the read slice in the
+  checkpoint's dtype, an fp32 copy when FP8 is dequantized, the result in the load dtype). Pages of
+  the memory-mapped safetensors files are file-backed page cache, reclaimable, and not counted here;
+- a node's disk holds the checkpoint once (the node-local cache), shared by every rank and actor.
+
+An eval actor is not sharded: it holds the whole model over its GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fjordtune.preflight.params import ParamCounts
+
+GiB = 1 << 30
+
+STAGING_CHUNK_BYTES = 64 << 20
+"""Largest chunk, in the load dtype, the loader reads and converts at a time (`model/weights.py`)."""
+HOST_RUNTIME_BYTES = 3 * GiB
+"""Host memory of one training or eval process before any weight is read: Python, torch, transformers,
+peft, Ray's worker, and on GPUs the CUDA context's host side and NCCL's pinned buffers."""
+FP32 = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadingEstimate:
+    """Peak bytes while the base weights are read (training ranks and one eval actor)."""
+
+    num_workers: int
+    ranks_per_node: int
+    device_bytes_per_rank: int
+    """Sharded frozen weights + sharded adapters + one staged chunk (the GPU, or host memory on CPU runs)."""
+    host_bytes_per_rank: int
+    """Runtime + staging buffers (+ the shards themselves when training on CPU)."""
+    eval_device_bytes_per_actor: int
+    """The whole model and adapter of one eval actor, over all of its GPUs."""
+    eval_host_bytes_per_actor: int
+    checkpoint_bytes: int
+    """Size of the base checkpoint on disk: the node-local cache holds it once per node."""
+    staging_bytes: int
+
+    @property
+    def host_bytes_per_node(self) -> int:
+        """All training ranks of one node loading at the same time."""
+        return self.ranks_per_node * self.host_bytes_per_rank
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device_bytes_per_rank": self.device_bytes_per_rank,
+            "host_bytes_per_rank": self.host_bytes_per_rank,
+            "host_bytes_per_node": self.host_bytes_per_node,
+            "ranks_per_node": self.ranks_per_node,
+            "eval_device_bytes_per_actor": self.eval_device_bytes_per_actor,
+            "eval_host_bytes_per_actor": self.eval_host_bytes_per_actor,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "staging_bytes": self.staging_bytes,
+        }
+
+    def lines(self) -> list[str]:
+        return [
+            f"loading: per rank {self.device_bytes_per_rank / GiB:.1f} GiB device (sharded weights + adapters + one "
+            f"{self.staging_bytes / GiB:.2f} GiB chunk), {self.host_bytes_per_rank / GiB:.1f} GiB host; "
+            f"{self.ranks_per_node} rank(s) per node: {self.host_bytes_per_node / GiB:.1f} GiB host per node",
+            f"loading: checkpoint {self.checkpoint_bytes / GiB:.1f} GiB on each node's disk (downloaded once per "
+            f"node); eval actor {self.eval_device_bytes_per_actor / GiB:.1f} GiB device, "
+            f"{self.eval_host_bytes_per_actor / GiB:.1f} GiB host",
+        ]
+
+
+def staging_bytes(*, load_bytes: int, checkpoint_bytes: int, chunk_bytes: int = STAGING_CHUNK_BYTES) -> int:
+    """Host buffers of one chunk: the slice as read, an fp32 copy when it is dequantized or upcast, and the
+    result in the load dtype."""
+    elems = chunk_bytes // load_bytes
+    fp32_copy = elems * FP32 if checkpoint_bytes != load_bytes else 0
+    return elems * (checkpoint_bytes + load_bytes) + fp32_copy
+
+
+def estimate_loading(counts: ParamCounts, *, num_workers: int, ranks_per_node: int, load_bytes: int = 2,
+                     checkpoint_bytes_per_param: float | None = None, adapter_bytes: int = FP32,
+                     on_cpu: bool = False, chunk_bytes: int = STAGING_CHUNK_BYTES,
+                     host_runtime_bytes: int = HOST_RUNTIME_BYTES) -> LoadingEstimate:
+    """Peak bytes of the loading phase for `num_workers` FSDP ranks, `ranks_per_node` of them per node.
+
+    `load_bytes` is the dtype the base is loaded in (bf16: 2), `checkpoint_bytes_per_param` the stored
+    dtype (FP8: 1; default: the load dtype). With `on_cpu` the shards live in host memory.
+    """
+    if num_workers < 1 or ranks_per_node < 1:
+        raise ValueError("num_workers and ranks_per_node must be positive")
+    stored = checkpoint_bytes_per_param if checkpoint_bytes_per_param is not None else load_bytes
+    shard = -(-counts.total_params // num_workers) * load_bytes + -(-counts.lora_params // num_workers) * adapter_bytes
+    staged = staging_bytes(load_bytes=load_bytes, checkpoint_bytes=max(1, round(stored)), chunk_bytes=chunk_bytes)
+    chunk = min(chunk_bytes, counts.total_params * load_bytes)
+    device = shard + chunk
+    host = host_runtime_bytes + staged + (shard if on_cpu else 0)
+    whole = counts.total_params * load_bytes + counts.lora_params * adapter_bytes
+    return LoadingEstimate(
+        num_workers=num_workers, ranks_per_node=min(ranks_per_node, num_workers),
+        device_bytes_per_rank=device, host_bytes_per_rank=host,
+        eval_device_bytes_per_actor=whole + chunk, eval_host_bytes_per_actor=host_runtime_bytes + staged,
+        checkpoint_bytes=int(counts.total_params * stored), staging_bytes=staged,
+    )

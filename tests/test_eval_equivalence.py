@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +43,15 @@ def _evaluate(lm, *, num_fewshot):
 @pytest.mark.parametrize("num_fewshot", [0, 2])
 def test_ray_data_scores_equal_lm_eval_hf(ray_local, tiny_model_dir, num_fewshot):
     from lm_eval.models.huggingface import HFLM
+    from transformers import Mistral4ForCausalLM
 
     from fjordtune.eval.ray_lm import RayDataLM
-    from fjordtune.model.load import load_causal_lm, load_tokenizer
+    from fjordtune.model.load import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
-    hf = HFLM(pretrained=load_causal_lm(str(tiny_model_dir), dtype="float32"), tokenizer=tok, batch_size=8)
+    # the reference loads through transformers' own loader, independent of ours
+    reference = Mistral4ForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    hf = HFLM(pretrained=reference, tokenizer=tok, batch_size=8)
     ours = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, dtype="float32", num_workers=2, batch_size=16)
     ref, got = _evaluate(hf, num_fewshot=num_fewshot), _evaluate(ours, num_fewshot=num_fewshot)
     assert ours.num_scored > 0

@@ -97,7 +97,7 @@ def test_checkpoints_are_committed_and_pruned(full_run):
     assert progress["step"] == 4
 
 
-def test_training_resumes_where_it_stopped(ray_s3):
+def test_training_resumes_where_it_stopped(ray_s3, tmp_path):
     """Train 2 steps, then ask for 4 under the same name: the second run resumes from step 2 and ends
     with the same adapter as an uninterrupted 4-step run."""
     import torch
@@ -118,9 +118,12 @@ def test_training_resumes_where_it_stopped(ray_s3):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)
-    # a finished run submitted again trains nothing more and keeps its adapter
-    again = pipeline.train(load_job(DEMO, small("resume")))
+    # a finished run submitted again trains nothing more, keeps its adapter, and never reads the base
+    # weights: its checkpoint is read first (a fresh node cache stays without the model)
+    fresh_cache = tmp_path / "fresh-cache"
+    again = pipeline.train(load_job(DEMO, small("resume", f"storage.cache_dir={fresh_cache}")))
     assert again["num_steps"] == 4
+    assert not list(fresh_cache.rglob("base-model")), sorted(fresh_cache.rglob("*"))[:10]
     c = load_file(str(store.local_view(again["adapter_uri"], os.environ["FJORDTUNE_CACHE"]) / "adapter_model.safetensors"))
     assert max((a[k] - c[k]).abs().max().item() for k in a) == 0
 

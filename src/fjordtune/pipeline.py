@@ -47,10 +47,13 @@ def connect_ray(job: JobSpec) -> None:
 
 
 def stage_model(job: JobSpec, store: Store) -> str:
-    from fjordtune.model.load import stage_base_model
+    """Where workers load the base model from, checked complete (every shard present) before any starts."""
+    from fjordtune.model.load import check_model_folder, stage_base_model
 
     store.ensure_bucket(job.storage.uri)
-    return stage_base_model(job.model.path, run_uri=job.run_uri, store=store, seed=job.model.seed)
+    uri = stage_base_model(job.model.path, run_uri=job.run_uri, store=store, seed=job.model.seed)
+    check_model_folder(uri, store=store)
+    return uri
 
 
 def preflight(job: JobSpec) -> Any:

@@ -51,11 +51,12 @@ class Scorer:
     def __init__(self, model_dir: str, *, adapter_dir: str | None = None, dtype: str = "float32",
                  device: str = "cpu", max_length: int | None = None) -> None:
         spread = device == "cuda" and torch.cuda.device_count() > 1
-        # larger than one GPU: let accelerate place the layers over every GPU this actor holds
-        model = load_causal_lm(model_dir, dtype=dtype, device="cpu", device_map="auto" if spread else None)
+        # straight onto the device, a chunk at a time (never the whole model in host memory); larger
+        # than one GPU: accelerate places the layers over every GPU this actor holds
+        model = load_causal_lm(model_dir, dtype=dtype, device=device, device_map="auto" if spread else None)
         if adapter_dir:
             model = load_adapter_verified(model, adapter_dir)
-        self.model = (model if spread else model.to(device)).eval()
+        self.model = model.eval()
         self.device = torch.device("cuda:0" if spread else device)  # inputs go where the embedding is
         cfg = getattr(self.model, "config", None)
         self.max_length = max_length or int(getattr(cfg, "max_position_embeddings", 0) or 2048)

@@ -153,6 +153,18 @@ def stage_base_model(path: str, *, run_uri: str, store: Any, seed: int = 0) -> s
     return uri
 
 
+def check_model_folder(location: str, *, store: Any) -> None:
+    """Refuse a model folder whose shards are missing or whose format is not read, before any worker or
+    GPU starts: from its listing and index alone (s3:// or local; hub ids are left to the loader)."""
+    from fjordtune.model.checkpoint import INDEX_FILE, check_folder, shard_files
+
+    if location.startswith("s3://"):
+        present = {name for name in store.list_files(location) if "/" not in name}
+        check_folder(present, lambda: store.read_bytes(f"{location}/{INDEX_FILE}"), where=location)
+    elif Path(location).is_dir():
+        shard_files(Path(location))
+
+
 def local_model_dir(location: str, *, store: Any, cache_root: str | Path) -> str:
     """A local folder (or hub id) for `location`, downloading committed s3:// folders into the cache."""
     if location.startswith("s3://"):
@@ -175,31 +187,12 @@ def local_tokenizer_dir(location: str, *, store: Any, dest: str | Path) -> str:
 
 def load_causal_lm(location: str, *, dtype: str = "bfloat16", device: str = "cpu",
                    device_map: str | None = None) -> Any:
-    """Load a causal LM and verify that every checkpoint key matched a parameter and vice versa.
-    With `device_map` (e.g. "auto") the layers are placed by accelerate and `device` is ignored."""
+    """Load a whole causal LM from a local model folder through the verified streaming loader
+    (`model/weights.py`): text-only or multimodal (Mistral3) layouts, bf16/fp32 or FP8 weights, every
+    checkpoint tensor matched to a parameter and vice versa. Straight onto `device`, never whole in host
+    memory first; with `device_map="auto"` the layers are spread over every visible GPU (accelerate)."""
     import torch
-    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(location)
-    cls = causal_lm_class(config)
-    model, info = cls.from_pretrained(
-        location, dtype=getattr(torch, dtype), output_loading_info=True, device_map=device_map
-    )
-    verify_loading_info(info, location=location)
-    return model if device_map else model.to(device)
+    from fjordtune.model.weights import load_model
 
-
-def verify_loading_info(info: dict[str, Any], *, location: str) -> None:
-    """Raise if a load left weights uninitialised or ignored checkpoint tensors."""
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        items = list(info.get(kind) or [])
-        if items:
-            shown = ", ".join(str(x) for x in items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
-            problems.append(f"{location}: {kind.replace('_', ' ')}: {shown}")
-    if problems:
-        raise UserError(
-            *problems,
-            "refusing to continue: a model with ignored or uninitialised weights scores at chance "
-            "(the story's 21% run). Check that the checkpoint matches the architecture.",
-        )
+    return load_model(location, dtype=getattr(torch, dtype), device=device, device_map=device_map)

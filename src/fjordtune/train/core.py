@@ -1,14 +1,17 @@
 """The training core: setup and step, runnable with or without Ray (torchrun, a GPU box, a test).
 
-Setup order (after torchtune's LoRA recipe): load base weights and verify every key -> mark LoRA
-trainable and check coverage -> activation checkpointing -> shard every decoder layer, then the root
--> optimizer over the adapters only.
+Setup order (after torchtune's LoRA recipe), so that no rank ever holds the whole model: build the
+model on the meta device -> LoRA, with its coverage checked -> activation checkpointing -> shard every
+decoder layer, then the root -> allocate this rank's shards -> initialise the adapters -> optimizer
+over the adapters only. The base weights are read afterwards (`load_base_weights`), each rank only its
+own slices: a resumed run can read its checkpoint first, and a finished one never reads them at all.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,9 @@ import torch.distributed as dist
 
 from fjordtune.config.schema import JobSpec
 from fjordtune.data.sft import Example, tokenize_row
-from fjordtune.model.load import load_causal_lm, load_tokenizer
+from fjordtune.model.checkpoint import WeightSource
+from fjordtune.model.load import load_tokenizer
+from fjordtune.model.weights import build_meta_model, init_adapters, materialize, verify_materialized
 from fjordtune.train.fsdp import shard_model
 from fjordtune.train.lora import apply_lora
 
@@ -34,16 +39,26 @@ class StepResult:
 
 
 class TrainerCore:
-    """Holds the sharded LoRA model and its optimizer for one rank."""
+    """Holds the sharded LoRA model and its optimizer for one rank.
 
-    def __init__(self, job: JobSpec, *, model_dir: str, device: torch.device) -> None:
+    `model_dir` is a local model folder (config, tokenizer, safetensors). The traced preflight passes
+    `config` and `weights` (shapes only) instead, and no tokenizer is needed there.
+    """
+
+    def __init__(self, job: JobSpec, *, model_dir: str | None, device: torch.device, load_base: bool = True,
+                 config: Any = None, weights: WeightSource | None = None) -> None:
         self.job = job
         self.device = device
+        self.model_dir = model_dir
+        self._weights = weights
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.tokenizer = load_tokenizer(job.model.tokenizer or model_dir)
-        torch.manual_seed(job.train.seed)
-        base = load_causal_lm(model_dir, dtype=job.model.dtype, device="cpu")
+        self.tokenizer = load_tokenizer(job.model.tokenizer or model_dir) if model_dir or job.model.tokenizer else None
+        if config is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_dir)
+        base = build_meta_model(config, dtype=getattr(torch, job.model.dtype))
         base.config.use_cache = False
         lora = job.lora
         self.model, self.coverage = apply_lora(
@@ -53,7 +68,6 @@ class TrainerCore:
         for p in self.model.parameters():  # adapters train in fp32 on a bf16 base
             if p.requires_grad:
                 p.data = p.data.float()
-        self.model.to(device)
         if dist.is_initialized():
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -64,9 +78,30 @@ class TrainerCore:
                 param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
                 activation_checkpointing=job.train.activation_checkpointing,
             )
+        materialize(self.model, device)
+        init_adapters(self.model, seed=job.train.seed)
+        self.base_loaded = False
+        if load_base:
+            self.load_base_weights()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=job.train.lr, weight_decay=job.train.weight_decay)
         self.step = 0
+
+    def load_base_weights(self, model_dir: str | None = None) -> None:
+        """Read this rank's slices of the frozen base weights (every key checked, nothing left unloaded),
+        from `model_dir` (default: the folder the core was built from)."""
+        from fjordtune.model.weights import load_base_weights
+
+        if self._weights is not None:
+            load_base_weights(self.model, self._weights, where="<traced>")
+        else:
+            from fjordtune.model.checkpoint import SafetensorsCheckpoint
+
+            where = model_dir or self.model_dir
+            with SafetensorsCheckpoint.open(where) as ckpt:
+                load_base_weights(self.model, ckpt, where=str(where))
+        verify_materialized(self.model)
+        self.base_loaded = True
 
     def examples(self, rows: list[dict[str, Any]]) -> list[Example]:
         """Tokenize chat rows (read once by the driver with `read_rows`) for this model."""
@@ -79,22 +114,35 @@ class TrainerCore:
         warm = self.job.train.warmup_steps
         return self.job.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
 
-    def train_step(self, batch: dict[str, list[list[int]]]) -> StepResult:
-        """One optimizer step on this rank's micro-batch; the loss is normalised over all ranks' tokens."""
-        self.model.train()
-        ids = torch.tensor(batch["input_ids"], device=self.device)
-        labels = torch.tensor(batch["labels"], device=self.device)
-        mask = torch.tensor(batch["attention_mask"], device=self.device)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, *,
+                         num_tokens_total: float) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batch; returns the summed token loss (not normalised).
+
+        FSDP averages gradients over ranks; scaling by world / tokens of all ranks makes the result the
+        per-token mean over every rank's tokens, independent of how tokens are split between ranks."""
+        if not self.base_loaded:
+            from fjordtune.errors import InternalError
+
+            raise InternalError("train_step before load_base_weights: the base model is uninitialised memory")
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
         loss_sum = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-        n_local = torch.tensor([(shift_labels != -100).sum().item()], dtype=torch.float64, device=self.device)
-        n_total = n_local.clone()
+        (loss_sum * self.world_size / num_tokens_total).backward()
+        return loss_sum.detach()
+
+    def train_step(self, batch: dict[str, list[list[int]]] | Sequence[dict[str, list[list[int]]]]) -> StepResult:
+        """One optimizer step on this rank's micro-batch, or on several whose gradients accumulate; the loss
+        is normalised over the tokens of every micro-batch of every rank."""
+        self.model.train()
+        micro = [batch] if isinstance(batch, dict) else list(batch)
+        tensors = [tuple(torch.tensor(b[k], device=self.device) for k in ("input_ids", "labels", "attention_mask"))
+                   for b in micro]
+        n_local = sum(int((labels[:, 1:] != -100).sum().item()) for _, labels, _ in tensors)
+        n_total = torch.tensor([n_local], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(n_total)  # gloo has no AVG: sum here, divide below
-        # FSDP averages gradients over ranks; scaling by world/n_total makes the result the per-token
-        # mean over every rank's tokens, independent of how tokens are split between ranks.
-        (loss_sum * self.world_size / n_total.item()).backward()
+            dist.all_reduce(n_total)  # gloo has no AVG: sum here, divide in forward_backward
+        loss_sum = sum(self.forward_backward(ids, labels, mask, num_tokens_total=n_total.item())
+                       for ids, labels, mask in tensors)
         grad_norm = self._clip()
         lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:

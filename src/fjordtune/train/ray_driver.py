@@ -22,6 +22,7 @@ from fjordtune.errors import InfraError, reraise_as_fjordtune
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
+PROCESS_GROUP_TIMEOUT_S = 3 * 3600
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from fjordtune.data.sft import epoch_batches, steps_per_epoch
-    from fjordtune.model.load import local_model_dir
+    from fjordtune.model.load import local_model_dir, local_tokenizer_dir
     from fjordtune.storage import Store, cache_root
     from fjordtune.telemetry.gpu import MetricsExporter, open_sampler
     from fjordtune.train.core import TrainerCore
@@ -54,8 +55,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     store = Store(endpoint_url=job.storage.endpoint_url)
     device = ray.train.torch.get_device() if job.resources.use_gpu else torch.device("cpu")
 
-    model_dir = local_model_dir(config["model_uri"], store=store, cache_root=cache_root())
-    core = TrainerCore(job, model_dir=model_dir, device=device)
+    # Config and tokenizer first: the model is built on the meta device and sharded before a single
+    # weight is read, and a resumed run reads its checkpoint before it touches the base weights.
+    cache = cache_root(job.storage.cache_dir)
+    with tempfile.TemporaryDirectory(prefix="fjordtune-config-") as tmp:
+        meta_dir = local_tokenizer_dir(config["model_uri"], store=store, dest=tmp)
+        core = TrainerCore(job, model_dir=meta_dir, device=device, load_base=False)
     if rank == 0:
         log.info("%s", core.coverage.table())
     examples = core.examples(config["rows"])
@@ -73,6 +78,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         core.step = start_step
         if rank == 0:
             log.info("resumed from checkpoint at step %d", start_step)
+    if start_step < total:
+        # one download per node (a file lock in the node cache), then each rank reads only its slices
+        core.load_base_weights(local_model_dir(config["model_uri"], store=store, cache_root=cache))
+    elif rank == 0:
+        log.info("the checkpoint is at step %d of %d: nothing left to train, base weights not read", start_step, total)
 
     telemetry = None
     if job.telemetry.ray_metrics:
@@ -139,7 +149,9 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": dump_job(job), "model_uri": model_uri, "adapter_uri": adapter_uri, "rows": rows},
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        # ranks that wait for their node's one model download (238 GB) meet the others at the first
+        # collective only after it: a longer timeout than the 30-minute default
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo", timeout_s=PROCESS_GROUP_TIMEOUT_S),
         scaling_config=ScalingConfig(
             num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
         ),

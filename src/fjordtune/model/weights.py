@@ -97,21 +97,24 @@ class LoadStats:
 
 
 def _local(param: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(this process's part of `param`, its first row in the full tensor): dim-0 shards of an FSDP2 DTensor,
-    or the whole tensor."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    """(this process's part of `param`, its first row in the full tensor): the dim-0 shard of an FSDP2
+    DTensor on a 1-D mesh, or the whole tensor. FSDP2 splits dim 0 like `torch.chunk`: shards of
+    ceil(rows / world) rows, the last ones shorter or empty."""
+    from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(param, DTensor):
         return param.data, 0
-    if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0) for p in param.placements):
-        raise InternalError(f"cannot load a parameter placed as {param.placements}: only dim-0 shards are read")
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
+    if param.device_mesh.ndim != 1 or param.placements != (Shard(0),):
+        raise InternalError(f"cannot load a parameter placed as {param.placements} on a {param.device_mesh.ndim}-D "
+                            "mesh: only dim-0 shards on a 1-D mesh are read")
     local = param.to_local()
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    if tuple(shape) != tuple(local.shape):
-        raise InternalError(f"local shard {tuple(local.shape)} differs from its placement's {tuple(shape)}")
-    return local, int(offset[0]) if offset else 0
+    rows, world = param.shape[0], param.device_mesh.size()
+    chunk = -(-rows // world)
+    offset = min(rows, param.device_mesh.get_local_rank() * chunk)
+    if local.shape[0] != max(0, min(chunk, rows - offset)):
+        raise InternalError(f"local shard of {local.shape[0]} rows at row {offset} does not match FSDP2's split of "
+                            f"{rows} rows over {world} ranks")
+    return local, offset
 
 
 def load_base_weights(model: nn.Module, weights: WeightSource, *, where: str,
@@ -182,6 +185,7 @@ def init_adapters(model: nn.Module, *, seed: int) -> int:
                 raise InternalError(f"{name}: trainable but not a LoRA factor; do not know how to initialise it")
             local, offset = _local(param)
             local.copy_(full[offset: offset + local.shape[0]] if local.dim() else full)
+            del full  # before the next one is drawn: one factor in host memory at a time, not two
             count += 1
     return count
 

@@ -134,16 +134,16 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
     big = max(groups, key=lambda g: _layer_full_bytes(g, w, pb, ab))
 
     # --- persistent: sharded parameters, adapter and optimizer state --------------------------
-    frozen_sharded = sum(g.num_layers * _shard_bytes(g.param_shapes, w, pb) for g in groups)
-    frozen_sharded += _shard_bytes(counts.root_param_shapes, w, pb)
+    frozen_sharded = sum(g.num_layers * shard_bytes(g.param_shapes, w, pb) for g in groups)
+    frozen_sharded += shard_bytes(counts.root_param_shapes, w, pb)
     naive = counts.total_params * pb / w
     experts = big.expert_param_shapes
     pad_note = ""
     if experts and experts[0][1][0] % w:
         e = experts[0][1][0]
         pad_note = f"; dim 0 padded to a multiple of {w} ({e} experts -> {_ceil(e, w) * w} rows)"
-    lora_sharded = sum(g.num_layers * _shard_bytes(g.lora_shapes, w, ab) for g in groups)
-    lora_sharded += _shard_bytes(counts.root_lora_shapes, w, ab)
+    lora_sharded = sum(g.num_layers * shard_bytes(g.lora_shapes, w, ab) for g in groups)
+    lora_sharded += shard_bytes(counts.root_lora_shapes, w, ab)
     num_states = OPTIMIZER_STATES[optimizer]
     persistent = [
         MemoryTerm("frozen_params_sharded", "frozen params, sharded", frozen_sharded,
@@ -154,7 +154,7 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
         MemoryTerm("optimizer_states", f"{optimizer} states, sharded", num_states * lora_sharded,
                    f"{num_states} state(s) per adapter param, {ab} B each, sharded like the params"),
     ]
-    root_full = w * (_shard_bytes(counts.root_param_shapes, w, pb) + _shard_bytes(counts.root_lora_shapes, w, ab))
+    root_full = w * (shard_bytes(counts.root_param_shapes, w, pb) + shard_bytes(counts.root_lora_shapes, w, ab))
     root_params = counts.embedding_params + counts.lm_head_params + counts.other_root_params
     root = MemoryTerm("root_params_unsharded", "root params, unsharded", root_full,
                       f"embedding + lm_head + final norm ({_count(root_params)} x {pb} B) stay gathered "
@@ -166,7 +166,7 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
                           f"{n} unsharded copies of the largest layer ({_size(layer_full, 2)} with padding "
                           f"and adapters): {why}")
 
-    lora_grad_full = w * _shard_bytes(big.lora_shapes, w, ab)
+    lora_grad_full = w * shard_bytes(big.lora_shapes, w, ab)
     reduce_scatter = MemoryTerm("lora_grads_unsharded", "LoRA grads of one layer, unsharded", lora_grad_full,
                                 "the current layer's adapter gradients before reduce-scatter")
     grads_sharded = MemoryTerm("lora_grads_sharded", "LoRA grads, sharded", lora_sharded,
@@ -369,7 +369,7 @@ def _numel(shape: Shape) -> int:
     return n
 
 
-def _shard_bytes(shapes: tuple[tuple[str, Shape], ...], w: int, nbytes: int) -> int:
+def shard_bytes(shapes: tuple[tuple[str, Shape], ...], w: int, nbytes: int) -> int:
     """Bytes of one rank's shards: FSDP2 pads dim 0 of every parameter to a multiple of `w`."""
     total = 0
     for _, shape in shapes:
@@ -382,7 +382,7 @@ def _shard_bytes(shapes: tuple[tuple[str, Shape], ...], w: int, nbytes: int) -> 
 
 def _layer_full_bytes(g: LayerGroup, w: int, pb: int, ab: int) -> int:
     """One all-gathered layer: padded frozen params plus its adapters."""
-    return w * (_shard_bytes(g.param_shapes, w, pb) + _shard_bytes(g.lora_shapes, w, ab))
+    return w * (shard_bytes(g.param_shapes, w, pb) + shard_bytes(g.lora_shapes, w, ab))
 
 
 def _is_down(name: str) -> bool:

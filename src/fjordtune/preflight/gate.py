@@ -7,7 +7,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fjordtune.config.schema import JobSpec
 from fjordtune.errors import PreflightRefused, UserError
@@ -19,8 +19,12 @@ from fjordtune.preflight.estimate import (
     min_workers,
     usable_bytes,
 )
+from fjordtune.preflight.loading import LoadingEstimate, estimate_loading
 from fjordtune.preflight.params import ParamCounts
 from fjordtune.preflight.placement import ClusterShape, Placement, check_placement, shape_from_gpus_per_node
+
+if TYPE_CHECKING:
+    from fjordtune.preflight.traced import TracedEstimate
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ class PreflightReport:
     placement: Placement | None = None
     min_gpus: int | None = None
     """Smallest training worker count that fits in memory (GPU runs; None on CPU or when none does)."""
+    loading: LoadingEstimate | None = None
+    traced: TracedEstimate | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,11 +94,18 @@ class PreflightReport:
             },
             "min_gpus": self.min_gpus,
             "placement": None if self.placement is None else self.placement.as_dict(),
+            "loading": None if self.loading is None else self.loading.as_dict(),
+            "traced": None if self.traced is None else {
+                **self.traced.as_dict(),
+                "analytic_training_live_bytes": self.estimate.live_bytes,
+                "analytic_loading_bytes": None if self.loading is None else self.loading.traced_comparable_bytes,
+            },
         }
 
 
-def model_config(job: JobSpec) -> Any:
-    """The transformers config of the job's base model, fetched without its weights."""
+def model_config(job: JobSpec, *, full: bool = False) -> Any:
+    """The transformers config of the job's base model (its text model's, unless `full`), fetched without
+    its weights."""
     from transformers import AutoConfig
 
     from fjordtune.model.load import BUILTIN_PREFIX, builtin_config, load_tokenizer
@@ -114,7 +127,17 @@ def model_config(job: JobSpec) -> Any:
         except OSError as e:
             raise UserError(f"model.path: {path}: cannot read the model config ({e})") from None
     # multimodal wrappers (the released Mistral Small 4 loads via Mistral3): train the text model
-    return getattr(config, "text_config", None) or config
+    return config if full else getattr(config, "text_config", None) or config
+
+
+def checkpoint_bytes_per_param(config: Any) -> float | None:
+    """Bytes one stored parameter takes in the checkpoint (FP8: 1), from the full config; None if unsaid."""
+    quant = getattr(config, "quantization_config", None)
+    quant = quant if isinstance(quant, dict) else getattr(quant, "to_dict", lambda: {})()
+    if str(quant.get("quant_method", "")).lower() in ("fp8", "fbgemm_fp8"):
+        return 1
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {"bfloat16": 2, "float16": 2, "float32": 4}.get(str(dtype).removeprefix("torch."))
 
 
 def count(job: JobSpec) -> ParamCounts:
@@ -160,11 +183,17 @@ def placement(job: JobSpec, cluster: ClusterShape | None = None) -> Placement:
 
 
 def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = None,
-          cluster: ClusterShape | None = None) -> PreflightReport:
-    """Estimate the job's per-worker peak and place its ranks and eval actors (on `cluster`'s nodes when
-    given); raise `PreflightRefused` (if `refuse`) when it cannot fit or be placed, or when a LoRA target
-    matches nothing."""
-    counts = counts or count(job)
+          cluster: ClusterShape | None = None, method: str = "analytic") -> PreflightReport:
+    """Estimate the job's per-worker peak (training and loading) and place its ranks and eval actors (on
+    `cluster`'s nodes when given); raise `PreflightRefused` (if `refuse`) when it cannot fit or be placed,
+    or when a LoRA target matches nothing. `method="traced"` also runs the real setup and training step on
+    fake tensors (`preflight/traced.py`) and prints its figures beside the analytic ones."""
+    if method not in ("analytic", "traced"):
+        raise UserError(f"preflight --method {method!r}: use analytic or traced")
+    full_config = model_config(job, full=True)
+    counts = counts or ParamCounts.from_config(
+        getattr(full_config, "text_config", None) or full_config, lora_rank=job.lora.rank,
+        lora_target_modules=job.lora.target_modules, lora_target_parameters=job.lora.target_parameters)
     if counts.lora_unmatched_targets:
         raise PreflightRefused(
             f"lora: {', '.join(counts.lora_unmatched_targets)} match nothing in this model; peft would skip "
@@ -211,12 +240,39 @@ def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = Non
     placed = placement(job, cluster)
     lines.extend(placed.lines())
     fits = fits and placed.fits
+    stored = checkpoint_bytes_per_param(full_config)
+    loading = estimate_loading(
+        counts, num_workers=job.resources.num_workers, ranks_per_node=max(placed.train.ranks_per_node, default=1),
+        load_bytes=kwargs["param_bytes"], checkpoint_bytes_per_param=stored, on_cpu=device == "cpu")
+    lines.extend(loading.lines())
+    memory = [g.memory_bytes for g in (cluster.groups if cluster else ()) if g.gpus and g.memory_bytes]
+    if device == "gpu" and memory and loading.host_bytes_per_node > max(memory):
+        lines.append(f"loading: REFUSED: {loading.ranks_per_node} ranks loading at once need "
+                     f"{loading.host_bytes_per_node / GiB:.1f} GiB of host memory on a node, the cluster's GPU nodes "
+                     f"have {max(memory) / GiB:.1f} GiB")
+        fits = False
+    traced = None
+    if method == "traced":
+        from fjordtune.preflight.traced import trace_memory
+
+        traced = trace_memory(job, getattr(full_config, "text_config", None) or full_config,
+                              checkpoint_bytes_per_param=stored)
+        lines.extend(_traced_lines(traced, est.live_bytes, loading.traced_comparable_bytes))
     lines.append("preflight: OK" if fits else "preflight: REFUSED")
     text = "\n".join(lines)
     report = PreflightReport(fits, text, est, cap, usable, device, counts.lora_coverage(), ev,
-                             placement=placed, min_gpus=min_gpus)
+                             placement=placed, min_gpus=min_gpus, loading=loading, traced=traced)
     if not fits and refuse:
         raise PreflightRefused(text, "refused before any accelerator was allocated; "
                                "`fjordtune train --skip-preflight` overrides at your own risk")
     return report
 
+
+
+def _traced_lines(traced: TracedEstimate, analytic_live: int, analytic_loading: int) -> list[str]:
+    def vs(t: int, a: int) -> str:
+        return f"traced {t / GiB:.2f} GiB, analytic {a / GiB:.2f} GiB ({(a - t) / max(t, 1):+.1%})"
+
+    return [f"traced ({traced.num_workers} ranks on fake tensors, {traced.seconds:.0f} s): live tensors per rank",
+            f"  training peak: {vs(traced.training_peak_bytes, analytic_live)}",
+            f"  loading peak (shards + one chunk's staging): {vs(traced.loading_peak_bytes, analytic_loading)}"]

@@ -15,9 +15,11 @@ An eval actor is not sharded: it holds the whole model over its GPUs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from fjordtune.preflight.estimate import shard_bytes
 from fjordtune.preflight.params import ParamCounts
 
 GiB = 1 << 30
@@ -37,7 +39,8 @@ class LoadingEstimate:
     num_workers: int
     ranks_per_node: int
     device_bytes_per_rank: int
-    """Sharded frozen weights + sharded adapters + one staged chunk (the GPU, or host memory on CPU runs)."""
+    """This rank's shards of the frozen weights and the adapters, FSDP2's padding included (chunks are
+    copied into them in place). On the GPU, or in host memory on CPU runs."""
     host_bytes_per_rank: int
     """Runtime + staging buffers (+ the shards themselves when training on CPU)."""
     eval_device_bytes_per_actor: int
@@ -46,11 +49,18 @@ class LoadingEstimate:
     checkpoint_bytes: int
     """Size of the base checkpoint on disk: the node-local cache holds it once per node."""
     staging_bytes: int
+    """Host buffers at the loading peak: one chunk being read and converted, or the largest adapter factor
+    being drawn, whichever is larger."""
 
     @property
     def host_bytes_per_node(self) -> int:
         """All training ranks of one node loading at the same time."""
         return self.ranks_per_node * self.host_bytes_per_rank
+
+    @property
+    def traced_comparable_bytes(self) -> int:
+        """What a trace on one device sees while loading: the shards plus one chunk's staging."""
+        return self.device_bytes_per_rank + self.staging_bytes
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -66,8 +76,9 @@ class LoadingEstimate:
 
     def lines(self) -> list[str]:
         return [
-            f"loading: per rank {self.device_bytes_per_rank / GiB:.1f} GiB device (sharded weights + adapters + one "
-            f"{self.staging_bytes / GiB:.2f} GiB chunk), {self.host_bytes_per_rank / GiB:.1f} GiB host; "
+            f"loading: per rank {self.device_bytes_per_rank / GiB:.1f} GiB device (its shards of the weights and "
+            f"adapters), {self.host_bytes_per_rank / GiB:.1f} GiB host (runtime + {self.staging_bytes / GiB:.2f} GiB "
+            "staging a chunk); "
             f"{self.ranks_per_node} rank(s) per node: {self.host_bytes_per_node / GiB:.1f} GiB host per node",
             f"loading: checkpoint {self.checkpoint_bytes / GiB:.1f} GiB on each node's disk (downloaded once per "
             f"node); eval actor {self.eval_device_bytes_per_actor / GiB:.1f} GiB device, "
@@ -75,12 +86,20 @@ class LoadingEstimate:
         ]
 
 
-def staging_bytes(*, load_bytes: int, checkpoint_bytes: int, chunk_bytes: int = STAGING_CHUNK_BYTES) -> int:
-    """Host buffers of one chunk: the slice as read, an fp32 copy when it is dequantized or upcast, and the
-    result in the load dtype."""
+def staging_bytes(*, load_bytes: int, checkpoint_bytes: int, chunk_bytes: int = STAGING_CHUNK_BYTES,
+                  largest_elements: int | None = None) -> int:
+    """Host buffers of one chunk, as `model/checkpoint.py` reads it: the slice in the checkpoint's dtype;
+    for FP8 also its fp32 dequantisation and the expanded scale (or the result in the load dtype,
+    whichever is larger); for another dtype, the converted result; for the same dtype, nothing more.
+    A chunk never exceeds the largest shard a rank reads (`largest_elements`)."""
     elems = chunk_bytes // load_bytes
-    fp32_copy = elems * FP32 if checkpoint_bytes != load_bytes else 0
-    return elems * (checkpoint_bytes + load_bytes) + fp32_copy
+    if largest_elements is not None:
+        elems = min(elems, largest_elements)
+    if checkpoint_bytes == 1:
+        return elems * (1 + FP32 + max(FP32, load_bytes))
+    if checkpoint_bytes != load_bytes:
+        return elems * (checkpoint_bytes + load_bytes)
+    return elems * load_bytes
 
 
 def estimate_loading(counts: ParamCounts, *, num_workers: int, ranks_per_node: int, load_bytes: int = 2,
@@ -90,20 +109,28 @@ def estimate_loading(counts: ParamCounts, *, num_workers: int, ranks_per_node: i
     """Peak bytes of the loading phase for `num_workers` FSDP ranks, `ranks_per_node` of them per node.
 
     `load_bytes` is the dtype the base is loaded in (bf16: 2), `checkpoint_bytes_per_param` the stored
-    dtype (FP8: 1; default: the load dtype). With `on_cpu` the shards live in host memory.
+    dtype (FP8: 1; default: the load dtype). Shards are FSDP2's: dim 0 of every parameter padded to a
+    multiple of the world size. With `on_cpu` the shards live in host memory.
     """
     if num_workers < 1 or ranks_per_node < 1:
         raise ValueError("num_workers and ranks_per_node must be positive")
+    w = num_workers
     stored = checkpoint_bytes_per_param if checkpoint_bytes_per_param is not None else load_bytes
-    shard = -(-counts.total_params // num_workers) * load_bytes + -(-counts.lora_params // num_workers) * adapter_bytes
-    staged = staging_bytes(load_bytes=load_bytes, checkpoint_bytes=max(1, round(stored)), chunk_bytes=chunk_bytes)
-    chunk = min(chunk_bytes, counts.total_params * load_bytes)
-    device = shard + chunk
+    shard = shard_bytes(counts.root_param_shapes, w, load_bytes) + shard_bytes(counts.root_lora_shapes, w, adapter_bytes)
+    for g in counts.layer_groups:
+        shard += g.num_layers * (shard_bytes(g.param_shapes, w, load_bytes) + shard_bytes(g.lora_shapes, w, adapter_bytes))
+    shapes = [*counts.root_param_shapes, *(s for g in counts.layer_groups for s in g.param_shapes)]
+    largest = max((-(-shape[0] // w) * math.prod(shape[1:]) if shape else 1 for _, shape in shapes), default=0)
+    staged = staging_bytes(load_bytes=load_bytes, checkpoint_bytes=max(1, round(stored)), chunk_bytes=chunk_bytes,
+                           largest_elements=largest)
+    # adapters are drawn whole (fp32, on the host) before a rank keeps its rows: one factor at a time
+    factors = [*counts.root_lora_shapes, *(s for g in counts.layer_groups for s in g.lora_shapes)]
+    staged = max(staged, max((math.prod(shape) * FP32 for _, shape in factors), default=0))
     host = host_runtime_bytes + staged + (shard if on_cpu else 0)
     whole = counts.total_params * load_bytes + counts.lora_params * adapter_bytes
     return LoadingEstimate(
-        num_workers=num_workers, ranks_per_node=min(ranks_per_node, num_workers),
-        device_bytes_per_rank=device, host_bytes_per_rank=host,
-        eval_device_bytes_per_actor=whole + chunk, eval_host_bytes_per_actor=host_runtime_bytes + staged,
+        num_workers=w, ranks_per_node=min(ranks_per_node, w),
+        device_bytes_per_rank=shard, host_bytes_per_rank=host,
+        eval_device_bytes_per_actor=whole, eval_host_bytes_per_actor=host_runtime_bytes + staged,
         checkpoint_bytes=int(counts.total_params * stored), staging_bytes=staged,
     )

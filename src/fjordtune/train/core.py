@@ -41,16 +41,15 @@ class StepResult:
 class TrainerCore:
     """Holds the sharded LoRA model and its optimizer for one rank.
 
-    `model_dir` is a local model folder (config, tokenizer, safetensors). The traced preflight passes
-    `config` and `weights` (shapes only) instead, and no tokenizer is needed there.
+    `model_dir` is a local model folder (config, tokenizer, safetensors). The traced preflight passes a
+    `config` instead, and `allocate=False` to measure `allocate` and `load_base_weights` itself.
     """
 
     def __init__(self, job: JobSpec, *, model_dir: str | None, device: torch.device, load_base: bool = True,
-                 config: Any = None, weights: WeightSource | None = None) -> None:
+                 config: Any = None, allocate: bool = True) -> None:
         self.job = job
         self.device = device
         self.model_dir = model_dir
-        self._weights = weights
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.tokenizer = load_tokenizer(job.model.tokenizer or model_dir) if model_dir or job.model.tokenizer else None
@@ -78,22 +77,29 @@ class TrainerCore:
                 param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
                 activation_checkpointing=job.train.activation_checkpointing,
             )
-        materialize(self.model, device)
-        init_adapters(self.model, seed=job.train.seed)
         self.base_loaded = False
-        if load_base:
-            self.load_base_weights()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=job.train.lr, weight_decay=job.train.weight_decay)
+        self.optimizer: torch.optim.Optimizer | None = None
         self.step = 0
+        if allocate:
+            self.allocate()
+            if load_base:
+                self.load_base_weights()
 
-    def load_base_weights(self, model_dir: str | None = None) -> None:
+    def allocate(self) -> None:
+        """Allocate this rank's shards (uninitialised base, initialised adapters) and the optimizer. Separate
+        from `__init__` so that the traced preflight can measure it."""
+        materialize(self.model, self.device)
+        init_adapters(self.model, seed=self.job.train.seed)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.job.train.lr, weight_decay=self.job.train.weight_decay)
+
+    def load_base_weights(self, model_dir: str | None = None, *, weights: WeightSource | None = None) -> None:
         """Read this rank's slices of the frozen base weights (every key checked, nothing left unloaded),
-        from `model_dir` (default: the folder the core was built from)."""
+        from `model_dir` (default: the folder the core was built from), or from `weights`."""
         from fjordtune.model.weights import load_base_weights
 
-        if self._weights is not None:
-            load_base_weights(self.model, self._weights, where="<traced>")
+        if weights is not None:
+            load_base_weights(self.model, weights, where="<given weights>")
         else:
             from fjordtune.model.checkpoint import SafetensorsCheckpoint
 

@@ -282,12 +282,13 @@ def test_too_little_disk_is_a_clear_user_error(s3: S3Server, tiny_model_dir: Pat
 # -- no credentials ----------------------------------------------------------------------------------
 
 def test_preflight_without_credentials_says_so_in_one_line(tmp_path: Path) -> None:
-    """`jobs/norskmistral-119b.yaml` reads its model's config.json from S3: without credentials that
-    is exit 2 and one line saying what to set, not a botocore traceback."""
+    """With its model mirrored to S3, `jobs/norskmistral-119b.yaml` reads the model's config.json from
+    there: without credentials that is exit 2 and one line saying what to set, not a botocore traceback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_CONFIG_FILE=str(tmp_path / "absent-config"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "absent"),
                AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=str(REPO / "src"))
-    res = subprocess.run([sys.executable, "-m", "fjordtune", "preflight", "jobs/norskmistral-119b.yaml"], cwd=REPO,
+    res = subprocess.run([sys.executable, "-m", "fjordtune", "preflight", "jobs/norskmistral-119b.yaml",
+                          "--set", "model.path=s3://fjordtune-models/mistral-small-4-119b-2603"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
@@ -295,3 +296,37 @@ def test_preflight_without_credentials_says_so_in_one_line(tmp_path: Path) -> No
     assert len(errors) == 1, res.stderr
     assert "s3://fjordtune-models/" in errors[0] and "no S3 credentials found" in errors[0]
     assert "AWS_ACCESS_KEY_ID" in errors[0] and "AWS_PROFILE" in errors[0] and "instance role" in errors[0]
+
+
+# --- hub ids: snapshot_download into <cache>/hub (no hub here: the cache is filled as the hub client does) --
+
+
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_id_is_read_from_the_node_cache(tmp_path: Path, tiny_model_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+
+    from fjordtune.model.load import load_causal_lm, local_model_dir
+
+    _offline(monkeypatch)
+    repo = tmp_path / "cache" / "hub" / "models--fjt--tiny-mistral4"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / "0123abcd")
+    got = local_model_dir("fjt/tiny-mistral4", store=Store(), cache_root=tmp_path / "cache")
+    assert Path(got) == repo / "snapshots" / "0123abcd"
+    assert load_causal_lm(got, dtype="float32") is not None
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fjordtune.errors import UserError
+    from fjordtune.model.load import local_model_dir
+
+    _offline(monkeypatch)
+    with pytest.raises(UserError, match="cannot download from the Hugging Face hub") as err:
+        local_model_dir("mistralai/Mistral-Small-4-119B-2603", store=Store(), cache_root=tmp_path)
+    assert len(err.value.lines) == 1 and "HF_TOKEN" in err.value.lines[0]

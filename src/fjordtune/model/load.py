@@ -165,16 +165,42 @@ def check_model_folder(location: str, *, store: Any) -> None:
         shard_files(Path(location))
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken")
+"""What a hub download takes: config, index, tokenizer and chat template, the safetensors shards (not
+Mistral's native `consolidated.safetensors` beside them)."""
+
+
+def is_hub_id(location: str) -> bool:
+    return not location.startswith(("s3://", BUILTIN_PREFIX, "/", ".", "~")) and not Path(location).exists() \
+        and location.count("/") == 1
+
+
 def local_model_dir(location: str, *, store: Any, cache_root: str | Path) -> str:
-    """A local folder (or hub id) for `location`, downloading committed s3:// folders into the cache."""
+    """A local folder for `location`: committed s3:// folders and hub repositories are downloaded once per
+    node into the cache (`storage.cache_dir`); local folders are used as they are."""
     if location.startswith("s3://"):
         return str(store.local_view(location, cache_root))
     if location.startswith(BUILTIN_PREFIX):
         raise UserError(f"{location}: builtin models must be staged first (stage_base_model)")
+    if is_hub_id(location):
+        return _hub_download(location, cache_root=cache_root, patterns=HUB_FILES)
     return location
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+def _hub_download(repo_id: str, *, cache_root: str | Path, patterns: tuple[str, ...]) -> str:
+    """`huggingface_hub.snapshot_download` into `<cache>/hub`: its own per-file locks make the processes of
+    a node share one download, as the s3:// cache does."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, cache_dir=str(Path(cache_root) / "hub"), allow_patterns=list(patterns),
+                                 ignore_patterns=["consolidated*"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+        raise UserError(f"model.path: {repo_id}: cannot download from the Hugging Face hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); set HF_TOKEN for a gated "
+                        "repository, or mirror it to s3:// and point model.path there") from None
 
 
 def local_tokenizer_dir(location: str, *, store: Any, dest: str | Path) -> str:
@@ -182,6 +208,8 @@ def local_tokenizer_dir(location: str, *, store: Any, dest: str | Path) -> str:
     downloaded to `dest` minus the weight files (238 GB for the 119B model), other locations as they are."""
     if location.startswith("s3://"):
         return str(store.download_dir(location, dest, exclude=WEIGHT_FILES))
+    if is_hub_id(location):
+        return _hub_download(location, cache_root=dest, patterns=tuple(p for p in HUB_FILES if p != "*.safetensors"))
     return location
 
 

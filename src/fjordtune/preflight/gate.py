@@ -124,8 +124,9 @@ def model_config(job: JobSpec, *, full: bool = False) -> Any:
     else:
         try:
             config = AutoConfig.from_pretrained(path)
-        except OSError as e:
-            raise UserError(f"model.path: {path}: cannot read the model config ({e})") from None
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"model.path: {path}: cannot read the model config ({first})") from None
     # multimodal wrappers (the released Mistral Small 4 loads via Mistral3): train the text model
     return config if full else getattr(config, "text_config", None) or config
 

@@ -167,10 +167,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     s3 = start_s3(state / "s3")
-    ray_head = start_ray_head(num_cpus=args.num_cpus, env=s3.env, temp_dir=args.ray_temp_dir)
+    # the node cache of models and adapters lives with the rest of the stack (workers inherit the head's env)
+    cache = {"FJORDTUNE_CACHE": str((state / "cache").resolve())}
+    ray_head = start_ray_head(num_cpus=args.num_cpus, env={**s3.env, **cache}, temp_dir=args.ray_temp_dir)
     (state / "stack.json").write_text(json.dumps({"s3": asdict(s3), "ray": asdict(ray_head)}, indent=2))
     # RAY_ADDRESS (the GCS) is for ray.init, RAY_API_SERVER_ADDRESS (the dashboard) for `ray job ...`
-    for k, v in {**s3.env, "RAY_ADDRESS": ray_head.address, "RAY_API_SERVER_ADDRESS": ray_head.dashboard_url,
+    for k, v in {**s3.env, **cache, "RAY_ADDRESS": ray_head.address, "RAY_API_SERVER_ADDRESS": ray_head.dashboard_url,
                  "RAY_AUTH_MODE": "disabled", "FJORDTUNE_METRICS_URL": ray_head.metrics_url}.items():
         print(f"export {k}={v}")
     return 0

@@ -76,14 +76,16 @@ class LoadingEstimate:
 
     def lines(self) -> list[str]:
         return [
-            f"loading: per rank {self.device_bytes_per_rank / GiB:.1f} GiB device (its shards of the weights and "
-            f"adapters), {self.host_bytes_per_rank / GiB:.1f} GiB host (runtime + {self.staging_bytes / GiB:.2f} GiB "
-            "staging a chunk); "
-            f"{self.ranks_per_node} rank(s) per node: {self.host_bytes_per_node / GiB:.1f} GiB host per node",
-            f"loading: checkpoint {self.checkpoint_bytes / GiB:.1f} GiB on each node's disk (downloaded once per "
-            f"node); eval actor {self.eval_device_bytes_per_actor / GiB:.1f} GiB device, "
-            f"{self.eval_host_bytes_per_actor / GiB:.1f} GiB host",
+            f"loading: per rank {_size(self.device_bytes_per_rank)} device (its shards of the weights and "
+            f"adapters), {_size(self.host_bytes_per_rank)} host (runtime + {_size(self.staging_bytes)} staging a "
+            f"chunk); {self.ranks_per_node} rank(s) per node: {_size(self.host_bytes_per_node)} host per node",
+            f"loading: checkpoint {_size(self.checkpoint_bytes)} on each node's disk (downloaded once per node); "
+            f"eval actor {_size(self.eval_device_bytes_per_actor)} device, {_size(self.eval_host_bytes_per_actor)} host",
         ]
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / GiB:.1f} GiB" if num_bytes >= GiB // 10 else f"{num_bytes / (1 << 20):.1f} MiB"
 
 
 def staging_bytes(*, load_bytes: int, checkpoint_bytes: int, chunk_bytes: int = STAGING_CHUNK_BYTES,

@@ -35,6 +35,7 @@ def build_model(out: str | Path, *, num_layers: int = 6, max_shard_size: str = "
     from transformers import Mistral4Config, Mistral4ForCausalLM
 
     from fjordtune.model.load import load_tokenizer
+    from fjordtune.model.weights import default_dtype
 
     tok = load_tokenizer("builtin:demo")
     rope = dict(Mistral4Config().rope_parameters)
@@ -49,12 +50,8 @@ def build_model(out: str | Path, *, num_layers: int = 6, max_shard_size: str = "
         architectures=["Mistral4ForCausalLM"],
     )
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
+    with default_dtype(torch.bfloat16):
         model = Mistral4ForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(previous)
     out = Path(out)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tok.save_pretrained(out)

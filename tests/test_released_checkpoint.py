@@ -124,12 +124,10 @@ def released(tmp_path_factory):
 def _reference_logits(reference: dict, text_config) -> torch.Tensor:
     from transformers import Mistral4ForCausalLM
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
+    from fjordtune.model.weights import default_dtype
+
+    with default_dtype(torch.bfloat16):
         model = Mistral4ForCausalLM(text_config)
-    finally:
-        torch.set_default_dtype(previous)
     result = model.load_state_dict(reference, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     with torch.no_grad():
@@ -264,3 +262,21 @@ def test_any_row_slice_dequantizes_like_the_whole(shape, grid):
         assert torch.equal(part, whole[start:stop]), (start, stop)
     if len(grid) == 2 and grid[1] == 2:  # blocks: equal to the by-hand version
         assert torch.equal(whole, _dequantize_by_hand(q, scale))
+
+
+def test_tied_embeddings_stay_tied_and_load(tmp_path):
+    """A text-only checkpoint with tied embeddings (lm_head not stored): one parameter, loaded once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fjordtune.model.load import load_causal_lm
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(cfg)
+    reference.save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path), dtype="float32")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)

@@ -19,11 +19,12 @@ rank's dim-0 rows, for FSDP2's `Shard(0)`, with the renaming and dequantisation 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,15 +63,24 @@ def build_meta_model(config: Any, *, dtype: torch.dtype) -> nn.Module:
     from fjordtune.model.load import causal_lm_class
 
     config = text_config(config)
-    cls = causal_lm_class(config)
+    cls = causal_lm_class(config)  # Mistral4 is missing from the auto mapping: `architectures` or XConfig -> X
+    with default_dtype(dtype), init_empty_weights(include_buffers=False):
+        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    # accelerate re-registers every parameter on meta as a new object, which unties tied embeddings
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+    return model
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules with `dtype` parameters (transformers' constructors take the default dtype)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with init_empty_weights(include_buffers=False):
-            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        yield
     finally:
         torch.set_default_dtype(previous)
-    return model
 
 
 def materialize(model: nn.Module, device: torch.device | str, *, device_map: dict[str, Any] | None = None) -> None:
@@ -86,6 +96,9 @@ def materialize(model: nn.Module, device: torch.device | str, *, device_map: dic
         for name, value in buffers.items():
             buf = model.get_buffer(name)
             buf.copy_(value.to(buf.device))
+    # to_empty gives every module its own new parameter object: tied embeddings must be tied again
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
 
 
 @dataclass(frozen=True)

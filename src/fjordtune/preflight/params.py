@@ -136,26 +136,13 @@ class ParamCounts:
 
 
 def meta_model_from_config(config: Any, *, dtype: str = "bfloat16") -> Any:
-    """The `*ForCausalLM` for `config`, built on the meta device with `dtype` parameters.
-
-    Mistral4 is missing from transformers' causal-LM auto mapping (`AutoModelForCausalLM.from_config`
-    fails), so the class comes from `fjordtune.model.load.causal_lm_class`: `architectures`, then
-    `XConfig -> XForCausalLM`, then the auto mapping.
-    """
+    """The `*ForCausalLM` for `config`, built on the meta device with `dtype` parameters: the trainer's own
+    `fjordtune.model.weights.build_meta_model`, so preflight counts exactly what training builds."""
     import torch
 
-    from fjordtune.model.load import causal_lm_class
+    from fjordtune.model.weights import build_meta_model
 
-    cls = causal_lm_class(config)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        with torch.device("meta"):
-            if cls.__name__.startswith("Auto"):
-                return cls.from_config(config)
-            return cls(config)
-    finally:
-        torch.set_default_dtype(previous)
+    return build_meta_model(config, dtype=getattr(torch, dtype))
 
 
 def find_decoder_layers(model: Any) -> list[tuple[str, Any]]:

@@ -53,6 +53,7 @@ class TrainerCore:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.tokenizer = load_tokenizer(job.model.tokenizer or model_dir) if model_dir or job.model.tokenizer else None
+        torch.manual_seed(job.train.seed)  # LoRA dropout; the adapters' init has its own per-name seeds
         if config is None:
             from transformers import AutoConfig
 

@@ -26,7 +26,7 @@ import pytest
 
 from fjordtune.devstack import S3Server, start_s3
 from fjordtune.errors import UserError
-from fjordtune.storage import MARKER, Location, Store, cache, cache_root
+from fjordtune.storage import COMMITS, MANIFESTS, MARKER, POINTER, Location, Store, cache, cache_root
 from fjordtune.storage.cache import MIN_FREE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,12 +167,14 @@ def test_two_ranks_and_an_eval_actor_download_once(s3: S3Server, tiny_model_dir:
     assert got == read_tree(src), "byte-identical to the uploaded folder"
     assert sorted(p.name for p in entry.parent.iterdir()) == [commit, f"{commit}.lock"], "no partial left"
 
-    fetched = {rel: after[object_path(uri, rel)] - before[object_path(uri, rel)] for rel in read_tree(src)}
+    paths = {rel: object_path(uri, f"{COMMITS}/{commit}/{rel}") for rel in read_tree(src)}
+    fetched = {rel: after[path] - before[path] for rel, path in paths.items()}
     assert fetched == dict.fromkeys(fetched, 1), f"each file is fetched once per node: {fetched}"
-    marker = object_path(uri, MARKER)
-    # each starter reads the commit id once; the downloader reads it again to check nothing was rewritten
-    assert after[marker] - before[marker] == len(roles) + 1
-    log.info("GETs per file: %s; marker reads: %d", set(fetched.values()), after[marker] - before[marker])
+    pointer, manifest = object_path(uri, POINTER), object_path(uri, f"{MANIFESTS}/{commit}.json")
+    # each starter reads the pointer once; only the downloader reads the manifest, once
+    assert after[pointer] - before[pointer] == len(roles)
+    assert after[manifest] - before[manifest] == 1
+    log.info("GETs per file: %s; pointer reads: %d", set(fetched.values()), after[pointer] - before[pointer])
 
 
 # -- a killed download -------------------------------------------------------------------------------
@@ -283,18 +285,18 @@ def test_too_little_disk_is_a_clear_user_error(s3: S3Server, tiny_model_dir: Pat
 
 def test_preflight_without_credentials_says_so_in_one_line(tmp_path: Path) -> None:
     """With its model mirrored to S3, `jobs/norskmistral-119b.yaml` reads the model's config.json from
-    there: without credentials that is exit 2 and one line saying what to set, not a botocore traceback."""
+    there: without credentials that is exit 3 and one line saying what to set, not a botocore traceback."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_CONFIG_FILE=str(tmp_path / "absent-config"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "absent"),
                AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=str(REPO / "src"))
     res = subprocess.run([sys.executable, "-m", "fjordtune", "preflight", "jobs/norskmistral-119b.yaml",
                           "--set", "model.path=s3://fjordtune-models/mistral-small-4-119b-2603"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert res.returncode == 2, res.stderr
+    assert res.returncode == 3, res.stderr
     assert "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, res.stderr
-    assert "s3://fjordtune-models/" in errors[0] and "no S3 credentials found" in errors[0]
+    assert "s3://fjordtune-models/" in errors[0] and "no usable S3 credentials" in errors[0]
     assert "AWS_ACCESS_KEY_ID" in errors[0] and "AWS_PROFILE" in errors[0] and "instance role" in errors[0]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,9 @@ def ray_s3(s3_server, tmp_path_factory):
 
     saved = dict(os.environ)
     os.environ.update(s3_server.env, FJORDTUNE_CACHE=str(tmp_path_factory.mktemp("cache")), RAY_AUTH_MODE="disabled")
+    from fjordtune.storage import Store
+
+    Store().ensure_bucket("s3://fjt-e2e")  # jobs never create buckets
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield s3_server
     ray.shutdown()
@@ -82,19 +84,22 @@ def test_adapter_in_bucket_is_peft_format_and_loads(full_run, tmp_path):
 
 
 def test_checkpoints_are_committed_and_pruned(full_run):
-    from fjordtune.storage import Location, Store
+    """Checkpoints are fjordtune commits under <run>/checkpoints/step-N: the last
+    `num_checkpoints_to_keep` are kept, each with every rank's DCP shard and the progress file."""
+    from fjordtune.storage import Store
+    from fjordtune.storage import checkpoints as ckpts
 
     job, _, _ = full_run
-    loc = Location.parse(f"{job.run_uri}/train")
-    keys = [o["Key"] for p in Store().s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key)
-            for o in p.get("Contents", [])]
-    depth = len(loc.key.split("/"))
-    ckpts = sorted({k.split("/")[depth] for k in keys if re.match(r"checkpoint_\d{4}-", k.split("/")[depth])})
-    assert 1 <= len(ckpts) <= job.train.num_checkpoints_to_keep, ckpts
-    latest = ckpts[-1]
-    assert any(k.endswith(f"{latest}/.metadata") for k in keys)  # DCP metadata
-    progress = json.loads(Store().read_bytes(f"s3://{loc.bucket}/{loc.key}/{latest}/progress.json"))
-    assert progress["step"] == 4
+    store = Store()
+    infos = ckpts.list_checkpoints(store, ckpts.checkpoints_uri(job.run_uri))
+    assert [i.step for i in infos] == [2, 4][-job.train.num_checkpoints_to_keep:], infos
+    assert all(i.committed and not i.leftovers for i in infos)
+    latest = infos[-1]
+    files = store.list_files(latest.uri)
+    assert ".metadata" in files and "progress.json" in files  # DCP metadata from rank 0
+    assert sum(name.endswith(".distcp") for name in files) == job.resources.num_workers  # one shard per rank
+    assert json.loads(store.read_file(latest.uri, "progress.json"))["step"] == 4
+    assert latest.pointer.meta["step"] == 4 and isinstance(latest.pointer.meta["loss"], float)
 
 
 def test_training_resumes_where_it_stopped(ray_s3, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from fjordtune.devstack import S3Server
 from fjordtune.errors import InfraError, UserError
-from fjordtune.storage import MARKER, Store, pyarrow_filesystem
+from fjordtune.storage import COMMITS, MANIFESTS, MARKER, Store
 
 pytestmark = pytest.mark.integration
 
@@ -78,9 +78,7 @@ def test_upload_download_round_trip(base_uri: str, tmp_path: Path) -> None:
     store.upload_dir(src, uri)
     assert store.is_committed(uri)
     out = store.download_dir(uri, tmp_path / "out")
-    got = read_tree(out)
-    assert got.pop(MARKER), "the commit marker travels with the folder and is not empty"
-    assert got == FILES
+    assert read_tree(out) == FILES
 
 
 def test_local_view(base_uri: str, tmp_path: Path) -> None:
@@ -91,13 +89,14 @@ def test_local_view(base_uri: str, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     view = store.local_view(uri, cache)
     got = read_tree(view)
-    got.pop(MARKER)
+    if uri.startswith("s3://"):
+        assert got.pop(MARKER).decode() == store.commit_id(uri), "the node cache marks a complete copy with its commit"
     assert got == FILES
     if uri.startswith("s3://"):
         assert cache in view.parents, "an s3:// folder is viewed through the given cache root"
         assert store.local_view(uri, cache) == view, "the same commit is served from the cache"
     else:
-        assert view == Path(uri), "a local folder is its own view (no copy)"
+        assert view == Path(uri) / COMMITS / store.commit_id(uri), "a local folder's live commit is its view (no copy)"
 
 
 def test_write_and_read_bytes(base_uri: str) -> None:
@@ -139,7 +138,7 @@ def test_model_folder_through_s3(s3_prefix: str, tiny_model_dir: Path, tmp_path:
     store.upload_dir(tiny_model_dir, uri)
     view = store.local_view(uri, tmp_path / "cache")
     got = read_tree(view)
-    got.pop(MARKER)
+    got.pop(MARKER)  # the node cache's own "complete copy" marker
     assert got == read_tree(tiny_model_dir)
     assert "model.safetensors" in got and "config.json" in got
 
@@ -202,7 +201,6 @@ def test_reupload_leaves_no_files_of_the_previous_commit(base_uri: str, tmp_path
     store.upload_dir(make_tree(tmp_path / "v1", {"a.txt": b"1", "old-shard.bin": b"old"}), uri)
     store.upload_dir(make_tree(tmp_path / "v2", {"a.txt": b"2"}), uri)
     got = read_tree(store.download_dir(uri, tmp_path / "out"))
-    got.pop(MARKER)
     assert got == {"a.txt": b"2"}
 
 
@@ -271,27 +269,6 @@ def test_unreachable_endpoint_is_infra_error(s3_env: S3Server) -> None:
         store.write_bytes(f"s3://{BUCKET}/x", b"1")
 
 
-# -- Ray Train's view of the same storage ------------------------------------------------------------
-
-def test_pyarrow_filesystem_lists_what_store_uploaded(s3_env: S3Server, s3_prefix: str, tmp_path: Path) -> None:
-    from pyarrow import fs
-
-    uri = f"{s3_prefix}/ckpt"
-    Store().upload_dir(make_tree(tmp_path / "src", FILES), uri)
-    filesystem, path = pyarrow_filesystem(uri, endpoint_url=s3_env.endpoint_url)
-    assert path == uri[len("s3://") :]
-    infos = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
-    listed = {i.path[len(path) + 1 :] for i in infos if i.type == fs.FileType.File}
-    assert listed == set(FILES) | {MARKER}
-    with filesystem.open_input_file(f"{path}/weights/shard-0.bin") as f:
-        assert f.read() == FILES["weights/shard-0.bin"]
-
-
-def test_pyarrow_filesystem_local(tmp_path: Path) -> None:
-    filesystem, path = pyarrow_filesystem(str(tmp_path / "runs"))
-    assert filesystem is None and path == str((tmp_path / "runs").resolve())
-
-
 def test_download_can_leave_out_weight_files(s3_prefix: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     """The eval driver only needs a model's tokenizer: it must not fetch the weights (238 GB at 119B)."""
     from fjordtune.model.load import load_tokenizer, local_tokenizer_dir
@@ -304,9 +281,9 @@ def test_download_can_leave_out_weight_files(s3_prefix: str, tiny_model_dir: Pat
     assert local_tokenizer_dir(str(tiny_model_dir), store=store, dest=tmp_path / "x") == str(tiny_model_dir)
 
 
-def test_missing_credentials_are_a_user_error_that_says_what_to_set(tmp_path: Path) -> None:
-    """No keys, no profile, no instance role: every call is a one-line UserError (exit 2) naming the URI
-    and the variables to set, never botocore's NoCredentialsError. Nothing is listening at the endpoint:
+def test_missing_credentials_are_a_one_line_infra_error_that_says_what_to_check(tmp_path: Path) -> None:
+    """No keys, no profile, no instance role: every call is a one-line InfraError (exit 3) naming the URI
+    and the variables to check, never botocore's NoCredentialsError. Nothing is listening at the endpoint:
     the request is refused before it is sent."""
     from fjordtune.devstack import free_port
 
@@ -315,8 +292,8 @@ def test_missing_credentials_are_a_user_error_that_says_what_to_set(tmp_path: Pa
                AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "absent"), AWS_EC2_METADATA_DISABLED="true")
     results = _every_store_call(env, tmp_path)
     for name, outcome in results.items():
-        assert outcome.startswith("UserError 2 s3://fjordtune-tests/"), f"{name}: {outcome}"
-        assert "no S3 credentials found" in outcome and "AWS_ACCESS_KEY_ID" in outcome, f"{name}: {outcome}"
+        assert outcome.startswith("InfraError 3 s3://fjordtune-tests/"), f"{name}: {outcome}"
+        assert "no usable S3 credentials" in outcome and "AWS_ACCESS_KEY_ID" in outcome, f"{name}: {outcome}"
         assert "<newline>" not in outcome
 
 
@@ -329,3 +306,90 @@ def test_unreachable_endpoint_is_a_one_line_infra_error(s3_env: S3Server) -> Non
             call()
         assert str(info.value).startswith(f"s3://{BUCKET}/x") and "\n" not in str(info.value)
         assert info.value.exit_code == 3
+
+
+# -- versioned commits -------------------------------------------------------------------------------
+
+def test_commit_layout_pointer_manifest_and_checksums(base_uri: str, tmp_path: Path) -> None:
+    """Files live under commits/<id>/, the manifest holds each file's size and sha256, and the pointer
+    names the live commit: what readers follow."""
+    import hashlib
+    import json
+
+    store = Store()
+    store.ensure_bucket(base_uri)
+    uri = f"{base_uri}/adapter"
+    commit = store.upload_dir(make_tree(tmp_path / "v1", FILES), uri, meta={"step": 3})
+    ptr = store.pointer(uri)
+    assert ptr is not None and ptr.commit == commit and ptr.meta == {"step": 3} and ptr.previous is None
+    assert ptr.files == len(FILES) and ptr.bytes == sum(len(v) for v in FILES.values())
+    manifest = json.loads(store.read_bytes(f"{uri}/{MANIFESTS}/{commit}.json"))
+    assert {rel: e["sha256"] for rel, e in manifest["files"].items()} == {
+        rel: hashlib.sha256(data).hexdigest() for rel, data in FILES.items()}
+    assert store.read_bytes(f"{uri}/{COMMITS}/{commit}/weights/shard-0.bin") == FILES["weights/shard-0.bin"]
+    assert store.read_file(uri, "config.json") == FILES["config.json"]
+
+
+def test_rewrite_keeps_the_previous_commit_readable(base_uri: str, tmp_path: Path) -> None:
+    """A rewrite never deletes the commit a reader may be downloading: the previous one stays whole."""
+    store = Store()
+    store.ensure_bucket(base_uri)
+    uri = f"{base_uri}/adapter"
+    first = store.upload_dir(make_tree(tmp_path / "v1", {"a.bin": b"one"}), uri)
+    second = store.upload_dir(make_tree(tmp_path / "v2", {"a.bin": b"two"}), uri)
+    third = store.upload_dir(make_tree(tmp_path / "v3", {"a.bin": b"three"}), uri)
+    status = {c.commit: c.status for c in store.commits(uri)}
+    assert status == {first: "uncommitted", second: "previous", third: "live"}  # first: superseded, in its grace period
+    out = tmp_path / "old"
+    store.download_files(uri, ["a.bin"], out, commit=second)
+    assert (out / "a.bin").read_bytes() == b"two"
+    assert store.clean(uri, grace_s=0) == [first]
+    assert {c.commit for c in store.commits(uri)} == {second, third}
+
+
+def test_corrupted_object_fails_the_download_and_is_named(s3_env: S3Server, s3_prefix: str, tmp_path: Path) -> None:
+    store = Store()
+    uri = f"{s3_prefix}/adapter"
+    commit = store.upload_dir(make_tree(tmp_path / "v1", FILES), uri)
+    key = f"{uri[len(f's3://{BUCKET}/'):]}/{COMMITS}/{commit}/weights/shard-0.bin"
+    bad = bytearray(FILES["weights/shard-0.bin"])
+    bad[100] ^= 0xFF  # same size, one byte flipped
+    raw_client(s3_env).put_object(Bucket=BUCKET, Key=key, Body=bytes(bad))
+    with pytest.raises(InfraError) as info:
+        store.download_dir(uri, tmp_path / "out")
+    assert f"s3://{BUCKET}/{key}" in str(info.value) and "sha256" in str(info.value)
+    with pytest.raises(InfraError):
+        store.local_view(uri, tmp_path / "cache")
+    assert not any((tmp_path / "cache").rglob(MARKER)), "a corrupted copy is never cached as complete"
+
+
+def test_missing_bucket_is_an_error_and_is_not_created(s3_env: S3Server) -> None:
+    store = Store()
+    with pytest.raises(InfraError) as info:
+        store.check_bucket("s3://fjt-typo-bukket/runs")
+    assert "fjt-typo-bukket" in str(info.value) and "does not exist" in str(info.value)
+    with pytest.raises(InfraError) as info:
+        store.upload_dir(make_tree(Path(os.environ.get("TMPDIR", "/tmp")) / uuid.uuid4().hex, {"a": b"1"}),
+                         "s3://fjt-typo-bukket/runs/x")
+    assert "fjt-typo-bukket" in str(info.value)
+    names = [b["Name"] for b in raw_client(s3_env).list_buckets().get("Buckets", [])]
+    assert "fjt-typo-bukket" not in names
+
+
+def test_retries_are_logged_and_bounded(s3_env: S3Server, caplog: pytest.LogCaptureFixture) -> None:
+    """An endpoint that refuses connections: each retry is a log line, the error one line after
+    `retries` attempts."""
+    import logging
+    import time
+
+    from fjordtune.devstack import free_port
+
+    store = Store(endpoint_url=f"http://127.0.0.1:{free_port()}", retries=3, timeout_s=2)
+    caplog.set_level(logging.WARNING, logger="fjordtune.storage.store")
+    start = time.monotonic()
+    with pytest.raises(InfraError) as info:
+        store.read_bytes(f"s3://{BUCKET}/x")
+    assert time.monotonic() - start < 30
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2, retries  # attempts 1 and 2 failed and were retried; the 3rd gave up
+    assert "cannot reach the S3 server" in str(info.value) and "3 attempts" in str(info.value)

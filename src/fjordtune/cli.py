@@ -104,6 +104,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-preflight", action="store_true", help="submit even if the estimate says it will not fit")
     p.add_argument("--output-dir", metavar="DIR", help="local output folder of the run on the cluster's driver node")
     _cluster_arg(p)
+
+    p = sub.add_parser(
+        "checkpoints", help="list, inspect, prune or fetch a run's resumable checkpoints",
+        description="Operate on the checkpoints of a run in storage. RUN is a run URI (<storage.uri>/<name>, e.g. "
+        "s3://bucket/runs/demo), its checkpoints folder, or a job file (its storage.uri and name, and its storage "
+        "settings). Credentials and endpoint come from the environment (AWS_*), as for every command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  fjordtune checkpoints ls s3://bucket/runs/demo\n"
+        "  fjordtune checkpoints latest jobs/demo.yaml\n"
+        "  fjordtune checkpoints prune s3://bucket/runs/demo --keep 2\n"
+        "  fjordtune checkpoints download s3://bucket/runs/demo ./ckpt --step 8",
+    )
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = csub.add_parser("ls", help="every checkpoint: step, size, time and commit id; uncommitted leftovers flagged")
+    c.add_argument("run", metavar="RUN")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c = csub.add_parser("latest", help="the newest committed checkpoint (what a resume uses): its URI")
+    c.add_argument("run", metavar="RUN")
+    c.add_argument("--json", action="store_true", help="print JSON (step, uri, commit, bytes, time, meta)")
+    c = csub.add_parser("prune", help="keep the last N committed checkpoints; delete older ones and old leftovers")
+    c.add_argument("run", metavar="RUN")
+    c.add_argument("--keep", type=int, required=True, metavar="N", help="committed checkpoints to keep (>= 1)")
+    c.add_argument("--grace-s", type=float, default=None, metavar="S",
+                   help="delete uncommitted leftovers only when older than S seconds (default 3600: a younger one may "
+                   "still be uploading)")
+    c.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    c = csub.add_parser("download", help="copy a committed checkpoint to a local folder, verifying every checksum")
+    c.add_argument("run", metavar="RUN", help="run URI, checkpoints folder, job file, or one step-N folder")
+    c.add_argument("dest", metavar="DEST", help="local folder to write")
+    c.add_argument("--step", type=int, help="which checkpoint (default: the latest committed)")
     return parser
 
 
@@ -117,6 +147,14 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return the exit status. A fjordtune error (also one wrapped by Ray) prints one
+    `error:` line per problem and returns its status (2 input, 3 infrastructure); anything else is a bug:
+    its traceback, then one `error: internal error (...)` line, and 4 (the same for `InternalError`)."""
+    import traceback
+
+    from fjordtune.errors import InternalError, find_fjordtune_error
+
+    internal = "internal error (a bug in fjordtune, please report it)"
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -124,14 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(COMMANDS[args.command](args) or 0)
-    except FjordtuneError as e:
-        for line in e.lines:
-            print(f"error: {line}", file=sys.stderr)
-        if e.exit_code == 4:
-            raise
-        return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # SystemExit is not an Exception: it passes
+        found = e if isinstance(e, FjordtuneError) else find_fjordtune_error(e)
+        if found is None or found.exit_code == InternalError.exit_code:
+            traceback.print_exc(file=sys.stderr)
+        if found is None:
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"error: {internal}: {type(e).__name__}: {first[:500]}", file=sys.stderr)
+            return InternalError.exit_code
+        for line in found.lines:
+            print(f"error: {internal}: {line}" if found.exit_code == InternalError.exit_code else f"error: {line}",
+                  file=sys.stderr)
+        return found.exit_code
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -229,7 +273,61 @@ def cmd_submit(args: argparse.Namespace) -> int:
                   skip_preflight=args.skip_preflight, output_dir=args.output_dir, cluster=args.cluster)
 
 
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    import time
+
+    from fjordtune.storage import Store
+    from fjordtune.storage import checkpoints as ckpts
+    from fjordtune.storage.store import LEFTOVER_GRACE_S, human_size
+
+    target = args.run
+    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
+        from fjordtune.config import load_job
+
+        job = load_job(target, [])
+        store, target = Store.for_job(job), job.run_uri
+    else:
+        store = Store()
+    if args.action == "download" and ckpts.is_checkpoint_uri(target):
+        if not store.is_committed(target):
+            raise ConfigError(f"{target}: not a committed checkpoint")
+        uri = target
+    else:
+        folder = ckpts.resolve(target)
+        store.check_bucket(folder)
+        if args.action == "ls":
+            infos = ckpts.list_checkpoints(store, folder)
+            print(json.dumps([i.as_dict() for i in infos], indent=2) if args.json else ckpts.format_table(infos))
+            return 0
+        if args.action == "latest":
+            info = ckpts.latest(store, folder)
+            if info is None:
+                print(f"{folder}: no committed checkpoint", file=sys.stderr)
+                return 1
+            print(json.dumps(info.as_dict(), indent=2) if args.json else info.uri)
+            return 0
+        if args.action == "prune":
+            grace = LEFTOVER_GRACE_S if args.grace_s is None else args.grace_s
+            res = ckpts.prune(store, folder, keep=args.keep, grace_s=grace, dry_run=args.dry_run)
+            verb = "would delete" if args.dry_run else "deleted"
+            for info in res.deleted:
+                print(f"{verb} step {info.step} ({human_size(info.size)}, commit {info.pointer.commit})")
+            for item in res.cleaned:
+                print(f"{verb} uncommitted leftover {item}")
+            for item in res.spared:
+                print(f"kept uncommitted leftover {item}: younger than {grace:g} s (may still be uploading)")
+            print(f"kept {len(res.kept)} committed: steps {', '.join(str(i.step) for i in res.kept) or '-'}")
+            return 0
+        uri = ckpts.find(store, folder, args.step).uri
+    start = time.monotonic()
+    dest = ckpts.download(store, uri, args.dest)
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    print(f"downloaded {uri} (commit {store.commit_id(uri)}, {human_size(size)}, checksums verified) to {dest} "
+          f"in {time.monotonic() - start:.1f} s")
+    return 0
+
+
 COMMANDS = {
     "validate": cmd_validate, "preflight": cmd_preflight, "train": cmd_train, "eval": cmd_eval,
-    "report": cmd_report, "run": cmd_run, "submit": cmd_submit,
+    "report": cmd_report, "run": cmd_run, "submit": cmd_submit, "checkpoints": cmd_checkpoints,
 }

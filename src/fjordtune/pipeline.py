@@ -50,7 +50,7 @@ def stage_model(job: JobSpec, store: Store) -> str:
     """Where workers load the base model from, checked complete (every shard present) before any starts."""
     from fjordtune.model.load import check_model_folder, stage_base_model
 
-    store.ensure_bucket(job.storage.uri)
+    store.check_bucket(job.storage.uri)  # a typo in the bucket name is an error, never a new bucket
     uri = stage_base_model(job.model.path, run_uri=job.run_uri, store=store, seed=job.model.seed)
     check_model_folder(uri, store=store)
     return uri
@@ -68,7 +68,7 @@ def preflight(job: JobSpec) -> Any:
 def train(job: JobSpec) -> dict[str, Any]:
     from fjordtune.train.ray_driver import run_training
 
-    store = Store(endpoint_url=job.storage.endpoint_url)
+    store = Store.for_job(job)
     model_uri = stage_model(job, store)
     connect_ray(job)
     say(f"== train: {job.resources.num_workers} workers, FSDP2, checkpoints in {job.run_uri}/train")
@@ -82,7 +82,7 @@ def evaluate(job: JobSpec, *, output_dir: str | Path, adapter_uri: str | None = 
              label: str | None = None) -> dict[str, Any]:
     from fjordtune.eval.run import evaluate as run_eval
 
-    store = Store(endpoint_url=job.storage.endpoint_url)
+    store = Store.for_job(job)
     model_uri = stage_model(job, store)
     connect_ray(job)
     label = label or ("tuned" if adapter_uri else "base")
@@ -98,7 +98,7 @@ def report(job: JobSpec, *, output_dir: str | Path, base: dict[str, Any] | None,
     from fjordtune.report import write_report
 
     paths = write_report(output_dir=output_dir, base=base, tuned=tuned, train=train_info, title=f"fjordtune: {job.name}")
-    store = Store(endpoint_url=job.storage.endpoint_url)
+    store = Store.for_job(job)
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("report.md", "scores.png", "summary.json"):
             Path(tmp, name).write_bytes(Path(output_dir, name).read_bytes())

@@ -136,6 +136,21 @@ class StorageSection(Section):
         "shared by every training rank, eval actor and retry on that node (point it at the node's scratch volume). "
         "Default: the FJORDTUNE_CACHE environment variable, else ~/.cache/fjordtune; never /tmp.",
     )
+    timeout_s: float = Field(
+        default=60, gt=0, description="Seconds to wait for the S3 server to accept a connection or answer one "
+        "request before that attempt counts as failed (a frozen server is given up on, not waited for forever).",
+    )
+    retries: int = Field(
+        default=5, ge=1, le=20, description="Attempts per S3 request, with exponential backoff, logged as they "
+        "happen; a checkpoint commit is also retried this many times before the run stops with exit 3.",
+    )
+    part_size_mib: int = Field(
+        default=64, ge=5, le=5120, description="Multipart transfer part size in MiB (uploads and downloads); files "
+        "up to this size move in one request.",
+    )
+    max_concurrency: int = Field(
+        default=10, ge=1, le=64, description="Parts transferred in parallel by one process.",
+    )
 
     @field_validator("uri")
     @classmethod
@@ -185,7 +200,18 @@ class SubmitSection(Section):
         description="Paths left out of the upload.",
     )
     pip: list[str] = Field(default_factory=list, description="Extra pip packages for the job's runtime_env.")
-    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment variables for the job.")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables for the job (they travel in Ray's runtime_env and "
+        "show in the dashboard: credentials are refused here; they come from the cluster's environment).",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("the job server address is the dashboard's http:// URL, e.g. http://HEAD:8265 "
+                             "(not the GCS address HEAD:6379)")
+        return v
 
 
 class JobSpec(Section):

@@ -30,14 +30,14 @@ class ScoreActor:
     """One Ray Data actor: loads the model once, then scores batches of requests."""
 
     def __init__(self, *, model_uri: str, adapter_uri: str | None, dtype: str, use_gpu: bool,
-                 endpoint_url: str | None, cache_dir: str | None = None) -> None:
+                 storage: dict[str, Any] | None = None, cache_dir: str | None = None) -> None:
         from fjordtune.eval.scorer import Scorer
         from fjordtune.model.load import local_model_dir
         from fjordtune.storage import Store, cache_root
 
         self.error: FjordtuneError | None = None
         try:
-            store = Store(endpoint_url=endpoint_url)
+            store = Store(**(storage or {}))  # plain settings: credentials come from the actor's environment
             cache = cache_root(cache_dir)  # one download per node, shared with the training ranks
             model_dir = local_model_dir(model_uri, store=store, cache_root=cache)
             adapter_dir = local_model_dir(adapter_uri, store=store, cache_root=cache) if adapter_uri else None
@@ -61,14 +61,14 @@ class RayDataLM(TemplateLM):
 
     def __init__(self, *, model_uri: str, tokenizer: Any, adapter_uri: str | None = None, dtype: str = "float32",
                  num_workers: int = 2, batch_size: int = 16, use_gpu: bool = False, cpus_per_worker: float = 1,
-                 endpoint_url: str | None = None, name: str = "model", gpus_per_worker: int = 1,
+                 storage: dict[str, Any] | None = None, name: str = "model", gpus_per_worker: int = 1,
                  cache_dir: str | None = None,
                  actor_start_timeout_s: float = ACTOR_START_TIMEOUT_S) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.model_uri, self.adapter_uri, self.dtype = model_uri, adapter_uri, dtype
         self.num_workers, self.batch_size, self.use_gpu = num_workers, batch_size, use_gpu
-        self.cpus_per_worker, self.endpoint_url, self.name = cpus_per_worker, endpoint_url, name
+        self.cpus_per_worker, self.storage, self.name = cpus_per_worker, storage, name
         self.cache_dir = cache_dir
         self.gpus_per_worker = gpus_per_worker
         self.actor_start_timeout_s = actor_start_timeout_s
@@ -183,7 +183,7 @@ class RayDataLM(TemplateLM):
             ScoreActor,
             fn_constructor_kwargs={
                 "model_uri": self.model_uri, "adapter_uri": self.adapter_uri, "dtype": self.dtype,
-                "use_gpu": self.use_gpu, "endpoint_url": self.endpoint_url, "cache_dir": self.cache_dir,
+                "use_gpu": self.use_gpu, "storage": self.storage, "cache_dir": self.cache_dir,
             },
             batch_size=self.batch_size,
             batch_format="numpy",

@@ -87,7 +87,7 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
     from fjordtune.model.load import load_tokenizer, local_tokenizer_dir
     from fjordtune.storage import Store
 
-    store = Store(endpoint_url=job.storage.endpoint_url)
+    store = Store.for_job(job)
     # the driver only tokenizes: the scoring actors fetch the weights
     with tempfile.TemporaryDirectory(prefix="fjordtune-tok-") as tmp:
         tokenizer = load_tokenizer(job.model.tokenizer or local_tokenizer_dir(model_uri, store=store, dest=tmp))
@@ -97,7 +97,7 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
     lm = RayDataLM(
         model_uri=model_uri, adapter_uri=adapter_uri, tokenizer=tokenizer, dtype=job.model.dtype,
         num_workers=job.eval.num_workers, batch_size=job.eval.batch_size, use_gpu=job.resources.use_gpu,
-        cpus_per_worker=job.resources.cpus_per_worker, endpoint_url=job.storage.endpoint_url, name=label,
+        cpus_per_worker=job.resources.cpus_per_worker, storage=store.settings(), name=label,
         cache_dir=job.storage.cache_dir,
         gpus_per_worker=job.eval.gpus_per_worker,
     )

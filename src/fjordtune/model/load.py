@@ -160,7 +160,7 @@ def check_model_folder(location: str, *, store: Any) -> None:
 
     if location.startswith("s3://"):
         present = {name for name in store.list_files(location) if "/" not in name}
-        check_folder(present, lambda: store.read_bytes(f"{location}/{INDEX_FILE}"), where=location)
+        check_folder(present, lambda: store.read_file(location, INDEX_FILE), where=location)
     elif Path(location).is_dir():
         shard_files(Path(location))
 

@@ -117,7 +117,7 @@ def model_config(job: JobSpec, *, full: bool = False) -> Any:
     elif path.startswith("s3://"):
         from fjordtune.storage import Store
 
-        data = Store(endpoint_url=job.storage.endpoint_url).read_bytes(f"{path}/config.json")
+        data = Store.for_job(job).read_file(path, "config.json")
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "config.json").write_bytes(data)
             config = AutoConfig.from_pretrained(tmp)

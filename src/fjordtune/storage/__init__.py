@@ -1,11 +1,18 @@
-"""Run storage: s3:// or local folders with atomic commit markers."""
+"""Run storage: s3:// or local folders as versioned commits behind an atomic pointer."""
 
 from fjordtune.storage.store import (
+    COMMITS,
+    MANIFESTS,
     MARKER,
+    POINTER,
+    CommitInfo,
+    FileEntry,
     Location,
+    Pointer,
     Store,
     cache_root,
-    pyarrow_filesystem,
+    human_size,
 )
 
-__all__ = ["MARKER", "Location", "Store", "cache_root", "pyarrow_filesystem"]
+__all__ = ["COMMITS", "MANIFESTS", "MARKER", "POINTER", "CommitInfo", "FileEntry", "Location", "Pointer", "Store",
+           "cache_root", "human_size"]

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fjordtune.errors import InfraError, UserError
+from fjordtune.errors import UserError
 from fjordtune.storage.store import MARKER, Location
 
 log = logging.getLogger(__name__)
@@ -127,16 +127,17 @@ def _download(store: Any, uri: str, commit: str, entry: Path, *, min_free: int |
         log.warning("removing %s: it has no %s marker", entry, MARKER)
         shutil.rmtree(entry)
     _remove_abandoned_partials(entry.parent)
-    files = {rel: size for rel, size in store.list_files(uri).items() if rel != MARKER}
+    manifest = store.manifest(uri, commit)
+    files = {rel: entry.size for rel, entry in manifest.items()}
     total = sum(files.values())
     check_free_space(entry.parent, total, uri=uri, min_free=min_free)
     log.info("downloading %s (%d files, %s) into %s", uri, len(files), _size(total), entry)
     progress = _Progress(uri, total=total)
     partial.mkdir()
     try:
-        store.download_files(uri, sorted(files), partial, on_bytes=progress)
-        if store.commit_id(uri) != commit:
-            raise InfraError(f"{uri}: rewritten while it was being downloaded; start again to fetch the new commit")
+        # this very commit, verified file by file: a rewrite of `uri` meanwhile flips the pointer but keeps
+        # this commit (the previous one) in storage, so the copy stays consistent
+        store.download_files(uri, sorted(files), partial, commit=commit, manifest=manifest, on_bytes=progress)
         (partial / MARKER).write_text(commit)  # last: the marker says every file above is complete
         os.rename(partial, entry)
     except BaseException:

@@ -1,13 +1,14 @@
 """Ray Train driver: runs `TrainerCore` on N workers with FSDP2, resumable checkpoints in storage.
 
-Checkpoints go to `<storage.uri>/<name>/train/` through Ray Train (each rank uploads its DCP shard,
-and Ray registers the checkpoint only when every rank reported it). The final adapter is gathered
-and written in peft format to `<storage.uri>/<name>/adapter/`, committed with a marker.
+Checkpoints are committed by fjordtune's own store to `<storage.uri>/<name>/checkpoints/step-N/`
+(`fjordtune.train.checkpointing`: every rank uploads its DCP shard into one commit, rank 0 flips the
+pointer); Ray Train reports metrics only, and keeps its own run state on the node's local disk. No
+credential ever enters a Ray object: workers read theirs from their environment. The final adapter is
+gathered and committed in peft format to `<storage.uri>/<name>/adapter/`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -21,7 +22,6 @@ from fjordtune.errors import InfraError, reraise_as_fjordtune
 
 log = logging.getLogger(__name__)
 
-PROGRESS_FILE = "progress.json"
 PROCESS_GROUP_TIMEOUT_S = 3 * 3600
 
 
@@ -38,12 +38,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from ray.train import Checkpoint
 
     from fjordtune.data.sft import epoch_batches, steps_per_epoch
     from fjordtune.model.load import local_model_dir, local_tokenizer_dir
     from fjordtune.storage import Store, cache_root
     from fjordtune.telemetry.gpu import MetricsExporter, open_sampler
+    from fjordtune.train.checkpointing import find_resume_point, load_checkpoint, retrying, save_checkpoint
     from fjordtune.train.core import TrainerCore
 
     # Ray Train routes a worker's print through the root logger *and* the wrapped stdout (every line
@@ -52,7 +52,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job = validate_raw(config["job"], source="<ray worker>")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    store = Store(endpoint_url=job.storage.endpoint_url)
+    store = Store.for_job(job)
     device = ray.train.torch.get_device() if job.resources.use_gpu else torch.device("cpu")
 
     # Config and tokenizer first: the model is built on the meta device and sharded before a single
@@ -70,14 +70,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         total = min(total, job.train.max_steps)
 
     start_step = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            core.load_resumable(d)
-            start_step = json.loads((Path(d) / PROGRESS_FILE).read_text())["step"]
+    resume = find_resume_point(store, job.run_uri)
+    if resume:
+        start_step = load_checkpoint(core, store, resume, cache_root=cache)
         core.step = start_step
         if rank == 0:
-            log.info("resumed from checkpoint at step %d", start_step)
+            log.info("resumed from checkpoint step %d (%s, commit %s)", start_step, resume.uri, resume.pointer.commit)
     if start_step < total:
         # one download per node (a file lock in the node cache), then each rank reads only its slices
         core.load_base_weights(local_model_dir(config["model_uri"], store=store, cache_root=cache))
@@ -114,18 +112,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.info("step %d/%d epoch %d loss %.4f grad_norm %.3f lr %.2e tok/s %.0f",
                          step, total, epoch, res.loss, res.grad_norm, res.lr, tps)
             if step % every == 0 or step == total:
-                with tempfile.TemporaryDirectory(prefix="fjordtune-ckpt-") as tmp:
-                    core.save_resumable(tmp)
-                    if rank == 0:
-                        Path(tmp, PROGRESS_FILE).write_text(json.dumps({"step": step, "epoch": epoch}))
-                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
+                save_checkpoint(core, store, job.run_uri, step=step, epoch=epoch, metrics=metrics,
+                                keep=job.train.num_checkpoints_to_keep)
+            ray.train.report(metrics)
 
     summary = telemetry.close() if telemetry else {}
     with tempfile.TemporaryDirectory(prefix="fjordtune-adapter-") as tmp:
         if core.save_adapter(tmp):
-            store.upload_dir(tmp, config["adapter_uri"])
+            retrying(lambda: store.upload_dir(tmp, config["adapter_uri"]), what=f"adapter upload to {config['adapter_uri']}",
+                     attempts=store.retries)
             log.info("adapter written to %s", config["adapter_uri"])
     if rank == 0 and summary:
         log.info("telemetry: %s", summary)
@@ -134,17 +129,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
     """Train `job` on the connected Ray cluster; resumes from the latest checkpoint of a previous run."""
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fjordtune.data.sft import read_rows
-    from fjordtune.storage import Store, pyarrow_filesystem
+    from fjordtune.storage import Store, cache_root
+    from fjordtune.storage import checkpoints as ckpts
 
+    store = Store.for_job(job)
     # Read (and check) the data here, before any worker starts: bad rows fail fast and cost no GPU,
     # and workers need no access to the submitter's files.
-    rows = read_rows(job.data.train_files, store=Store(endpoint_url=job.storage.endpoint_url))
+    rows = read_rows(job.data.train_files, store=store)
     adapter_uri = f"{job.run_uri}/adapter"
-    fs, path = pyarrow_filesystem(job.run_uri, endpoint_url=job.storage.endpoint_url)
     res = job.resources
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -156,10 +152,9 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
             num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
         ),
         run_config=RunConfig(
-            name="train",
-            storage_path=path,
-            storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=job.train.num_checkpoints_to_keep),
+            # Ray's own run state only (no checkpoints: those are fjordtune's, in job.run_uri), on local disk
+            name=job.name,
+            storage_path=str(Path(cache_root(job.storage.cache_dir)) / "ray-train"),
             failure_config=FailureConfig(max_failures=1),
         ),
     )
@@ -171,6 +166,9 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
         raise InfraError(f"training failed on a worker: {e}") from None
     except ray.train.ControllerError as e:
         raise InfraError(f"training failed: {e}") from None
-    metrics = dict(result.metrics or {})
-    # Result.metrics are those of the last checkpoint, which is always the last step
-    return TrainOutcome(adapter_uri, metrics.get("loss"), int(metrics.get("step", 0)), metrics)
+    del result  # its metrics are those of the last report; the committed checkpoint is the record
+    last = ckpts.latest(store, ckpts.checkpoints_uri(job.run_uri))
+    if last is None:
+        raise InfraError(f"training finished but no checkpoint is committed under {ckpts.checkpoints_uri(job.run_uri)}")
+    meta = dict(last.pointer.meta)
+    return TrainOutcome(adapter_uri, meta.get("loss"), int(meta.get("step", last.step)), meta)

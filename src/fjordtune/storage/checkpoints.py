@@ -80,7 +80,10 @@ def list_checkpoints(store: Store, uri: str, *, with_commits: bool = True) -> li
             continue
         child = f"{uri}/{name}"
         ptr = store.pointer(child)
-        out.append(CheckpointInfo(int(m.group(1)), child, ptr, store.commits(child) if with_commits else []))
+        commits = store.commits(child) if with_commits or ptr is None else []
+        if ptr is None and not commits:
+            continue  # an empty "folder": some servers (SeaweedFS) list one after its objects are deleted
+        out.append(CheckpointInfo(int(m.group(1)), child, ptr, commits))
     return sorted(out, key=lambda c: c.step)
 
 

@@ -379,3 +379,143 @@ def test_cli_help(command: str | None) -> None:
     if command is None:
         for sub in SUBCOMMANDS:
             assert sub in res.stdout
+
+
+# -- credentials never in a job file ------------------------------------------------------------------
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+NOT_HERE = "credentials do not belong in a job file"
+
+
+def test_secret_env_var_exact_message(tmp_path: Path) -> None:
+    raw = minimal_raw()
+    raw["submit"] = {"env_vars": {"AWS_SECRET_ACCESS_KEY": SECRET, "NCCL_DEBUG": "INFO"}}
+    path = write_job(tmp_path, raw, name="x.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    assert info.value.lines == (
+        f"{path}: submit.env_vars.AWS_SECRET_ACCESS_KEY: credentials do not belong in a job file (they would travel "
+        "in Ray's runtime_env and show in the dashboard); set AWS_SECRET_ACCESS_KEY in the cluster's environment, "
+        "an AWS profile or an instance role",
+    )
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("name", [
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "GITHUB_TOKEN", "MY_SECRET",
+    "DB_PASSWORD", "OPENAI_API_KEY", "WANDB_API_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "SECRETKEY", "secretKey",
+])
+def test_credential_env_vars_are_refused(name: str) -> None:
+    raw = minimal_raw()
+    raw["submit"] = {"env_vars": {name: SECRET}}
+    (line,) = errors_of(raw, source="jobs/x.yaml")
+    assert line.startswith(f"jobs/x.yaml: submit.env_vars.{name}: {NOT_HERE} ") and f"set {name} in " in line
+    assert SECRET not in line
+
+
+@pytest.mark.parametrize("name", ["TOKENIZERS_PARALLELISM", "NCCL_DEBUG", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "PWD"])
+def test_ordinary_env_vars_pass(name: str) -> None:
+    raw = minimal_raw()
+    raw["submit"] = {"env_vars": {name: "1"}}
+    assert validate_raw(raw, source="mem").submit.env_vars == {name: "1"}
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("storage.endpoint_url", f"http://AKIAEXAMPLE:{SECRET}@minio.internal:9000"),
+    ("storage.uri", f"s3://AKIAEXAMPLE:{SECRET}@bucket/runs"),
+    ("submit.address", f"https://admin:{SECRET}@head.example:8265"),
+    ("model.path", f"https://user:{SECRET}@models.example/mistral"),
+    ("data.train_files.0", f"https://user:{SECRET}@data.example/rows.jsonl"),
+    ("submit.pip.0", f"git+https://oauth2:{SECRET}@gitlab.example/x/y.git"),
+    ("submit.env_vars.DATABASE_URL", f"postgres://app:{SECRET}@db:5432/app"),
+])
+def test_user_password_in_a_url_is_refused(key: str, value: str) -> None:
+    raw = minimal_raw()
+    section, rest = key.split(".", 1)
+    field, _, sub = rest.partition(".")
+    node = raw.setdefault(section, {})
+    node[field] = [value] if sub == "0" else {sub: value} if sub else value
+    (line,) = errors_of(raw, source="jobs/x.yaml")
+    assert line.startswith(f"jobs/x.yaml: {key}: {NOT_HERE} ") and "user:password@" in line, line
+    assert SECRET not in line and "AKIAEXAMPLE" not in line
+
+
+@pytest.mark.parametrize("value", [
+    "http://head.example:8265", "https://head.example/ray", "git+https://github.com/x/y.git", "ssh://git@github.com/x",
+])
+def test_urls_without_a_password_pass(value: str) -> None:
+    raw = minimal_raw()
+    raw["submit"] = {"pip": [value]}
+    assert validate_raw(raw, source="mem").submit.pip == [value]
+
+
+@pytest.mark.parametrize("path", [
+    ("storage", "secret_key"), ("storage", "aws_secret_access_key"), ("storage", "access_key"),
+    ("storage", "secretAccessKey"), ("model", "token"), ("model", "hf_token"), ("aws_secret_access_key",),
+    ("storage", "credentials"), ("submit", "password"),
+])
+def test_credential_keys_say_so_instead_of_suggesting_a_key(path: tuple[str, ...]) -> None:
+    raw = minimal_raw()
+    node: Any = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = {"id": "AKIAEXAMPLE", "key": SECRET} if path[-1] == "credentials" else SECRET
+    (line,) = errors_of(raw, source="jobs/x.yaml")
+    key = ".".join(path)
+    assert line.startswith(f"jobs/x.yaml: {key}: {NOT_HERE} "), line
+    assert "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in line and "instance role" in line
+    assert "unknown key" not in line and "did you mean" not in line
+    assert SECRET not in line
+
+
+def test_credential_found_below_an_unknown_key_and_other_errors_still_reported() -> None:
+    raw = minimal_raw()
+    raw["storage"]["s3"] = {"secret_access_key": SECRET}
+    raw["lora"] = {"rnak": 8}
+    lines = errors_of(raw)
+    assert set(lines) == {
+        f"job.yaml: storage.s3.secret_access_key: {NOT_HERE} {lines[0].split(NOT_HERE + ' ', 1)[1]}",
+        "job.yaml: storage.s3: unknown key",
+        "job.yaml: lora.rnak: unknown key (did you mean lora.rank?)",
+    }
+    assert all(SECRET not in line for line in lines)
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("submit", "env_vars", {"AWS_SECRET_ACCESS_KEY": 123456789012}),  # not a string: pydantic would echo it
+    ("storage", "uri", f"gs://user:{SECRET}@bucket/x"),  # a wrong scheme: the uri check would echo it
+    ("submit", "address", f"ftp://user:{SECRET}@head:8265"),
+])
+def test_the_value_never_shows_in_any_line(section: str, key: str, value: Any) -> None:
+    raw = minimal_raw()
+    raw.setdefault(section, {})[key] = value
+    lines = errors_of(raw)
+    assert len(lines) == 1 and NOT_HERE in lines[0]
+    assert SECRET not in lines[0] and "123456789012" not in lines[0]
+
+
+def test_credentials_from_set_are_marked_and_not_echoed(tmp_path: Path) -> None:
+    path = write_job(tmp_path, minimal_raw())
+    with pytest.raises(ConfigError) as info:
+        load_job(path, [f"submit.env_vars={{AWS_SESSION_TOKEN: {SECRET}}}", f"storage.secret_key={SECRET}"])
+    heads = sorted(line.split(NOT_HERE)[0] for line in info.value.lines)
+    assert heads == [f"{path}: storage.secret_key (from --set): ",
+                     f"{path}: submit.env_vars.AWS_SESSION_TOKEN (from --set): "]
+    assert SECRET not in str(info.value)
+
+
+def test_malformed_set_with_a_secret_does_not_echo_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_override(f"submit.env_vars={{AWS_SECRET_ACCESS_KEY: [{SECRET}")
+    (line,) = info.value.lines
+    assert line.startswith("--set submit.env_vars=...: value is not valid YAML (") and SECRET not in line
+
+
+def test_cli_refuses_a_secret_from_set_without_echoing_it() -> None:
+    res = run_cli("validate", "jobs/demo.yaml", "--set", f"submit.env_vars={{AWS_SECRET_ACCESS_KEY: {SECRET}}}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines() == [
+        "error: jobs/demo.yaml: submit.env_vars.AWS_SECRET_ACCESS_KEY (from --set): credentials do not belong in a "
+        "job file (they would travel in Ray's runtime_env and show in the dashboard); set AWS_SECRET_ACCESS_KEY in "
+        "the cluster's environment, an AWS profile or an instance role"]
+    assert SECRET not in res.stdout + res.stderr

@@ -1,15 +1,26 @@
 """A local stack on loopback for the demo and the tests: SeaweedFS as S3, and a Ray head with dashboard.
 
     python -m fjordtune.devstack up   --state-dir outputs/devstack   # prints `export ...` lines
+    python -m fjordtune.devstack up   --state-dir outputs/devstack --env-file outputs/devstack.env
     python -m fjordtune.devstack down --state-dir outputs/devstack
 
 SeaweedFS runs with credentials generated for the run, so authentication is on (without the AWS
-variables `weed` enforces no auth at all). Everything binds to 127.0.0.1.
+variables `weed` enforces no auth at all). Everything binds to 127.0.0.1. `up` creates the buckets
+named by --bucket (default: fjordtune-demo, the bucket of jobs/demo.yaml): fjordtune itself never
+creates buckets.
+
+`down` stops what `up` started and nothing else: the Ray head by its process group, so other Ray
+clusters on the machine live on (`ray stop` would end them all).
+
+The state dir is owner-only (0700) and the files that hold the generated secret, `stack.json` and the
+--env-file, are created 0600: on a shared machine nobody else can read the keys, nor SeaweedFS's data
+and logs under the state dir.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -21,6 +32,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+#: The bucket of jobs/demo.yaml, created by `up` unless --bucket names others.
+DEMO_BUCKET = "fjordtune-demo"
 
 
 def free_port() -> int:
@@ -50,6 +65,28 @@ class S3Server:
     def stop(self, timeout: float = 20) -> None:
         _terminate(self.pid, timeout)
 
+    def client(self, *, timeout_s: float = 10, attempts: int = 3) -> Any:
+        """A boto3 S3 client for this server, with its credentials (not read from the environment)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+            config=Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": attempts}),
+        )
+
+    def create_buckets(self, names: list[str]) -> None:
+        """Create each bucket that does not exist yet (fjordtune never creates buckets itself)."""
+        from botocore.exceptions import ClientError
+
+        client = self.client()
+        for name in names:
+            try:
+                client.head_bucket(Bucket=name)
+            except ClientError:
+                client.create_bucket(Bucket=name)
+
 
 def weed_binary() -> str:
     found = shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
@@ -66,7 +103,7 @@ def start_s3(data_dir: str | Path, *, log_path: str | Path | None = None, timeou
     `... stats.go:42 "<identity>" GET "/<bucket>/<key>" 200 1.2ms` (HEAD requests read HEAD): what
     tests count to see how often an object was really fetched."""
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     access, secret = "fjt" + secrets.token_hex(8), secrets.token_hex(20)
     s3_port = free_port()
     cmd = [
@@ -85,15 +122,9 @@ def start_s3(data_dir: str | Path, *, log_path: str | Path | None = None, timeou
 
 
 def _wait_s3(server: S3Server, proc: subprocess.Popen, timeout: float) -> None:
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = boto3.client(
-        "s3", endpoint_url=server.endpoint_url, aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key, region_name="us-east-1",
-        config=Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1}),
-    )
+    client = server.client(timeout_s=2, attempts=1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -112,9 +143,56 @@ class RayHead:
     address: str  # GCS address, host:port
     dashboard_url: str
     metrics_url: str
+    pgid: int | None = None  # process group of the head's services (None: a stack.json from before it was kept)
 
-    def stop(self) -> None:
-        subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, timeout=120)
+    def stop(self, timeout: float = 30) -> None:
+        """Stop this head only: its process group and every process below it (workers, job drivers), not
+        other Ray clusters on the machine, as `ray stop` would (which remains the fallback without /proc)."""
+        if self.pgid is None or not os.path.isdir("/proc"):
+            subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, timeout=120)
+            return
+        pids = _process_tree(self.pgid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)  # what `ray stop --force` sends
+        deadline = time.monotonic() + timeout
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def _process_tree(pgid: int) -> list[int]:
+    """The processes of group `pgid` and all their descendants (Ray gives each worker a group of its own);
+    empty unless the group holds a Ray process, so a group id reused since is left alone."""
+    procs: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, process group)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            procs[int(entry)] = (int(fields[1]), int(fields[2]))
+    found = {pid for pid, (_, group) in procs.items() if group == pgid}
+    if not any(b"ray" in _cmdline(pid) for pid in found):
+        return []
+    frontier = found
+    while frontier:
+        frontier = {pid for pid, (parent, _) in procs.items() if parent in frontier} - found
+        found |= frontier
+    return sorted(found)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _ray_cli() -> str:
@@ -128,16 +206,22 @@ def start_ray_head(*, num_cpus: int, env: dict[str, str], temp_dir: str | None =
         _ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
         f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
+        # fixed by default (52365, 10001): a second head on the machine would fail to submit jobs
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
     ]
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
     full_env = {**os.environ, **env, "RAY_AUTH_MODE": "disabled"}
     # the head's PATH decides which `python` a job entrypoint runs: put this venv first
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
-    res = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=180)
-    if res.returncode != 0:
-        raise RuntimeError(f"ray start failed:\n{res.stdout}\n{res.stderr}")
-    return RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics")
+    # a session of its own: the head's services share one process group, which `RayHead.stop` ends
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out, err = proc.communicate(timeout=180)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray start failed:\n{out}\n{err}")
+    return RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics",
+                   pgid=proc.pid)
 
 
 def _terminate(pid: int, timeout: float) -> None:
@@ -163,18 +247,43 @@ def _terminate(pid: int, timeout: float) -> None:
         pass
 
 
+def private_dir(path: Path) -> Path:
+    """Create `path` (and parents) and make it owner-only (0700) before anything is written into it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)  # it may have existed with a wider mode
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to a file that is owner-only (0600) from the moment it exists, replacing any old one
+    (whose mode may be wider) in one step."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    state = Path(args.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    state = private_dir(Path(args.state_dir))
     s3 = start_s3(state / "s3")
-    # the node cache of models and adapters lives with the rest of the stack (workers inherit the head's env)
-    cache = {"FJORDTUNE_CACHE": str((state / "cache").resolve())}
-    ray_head = start_ray_head(num_cpus=args.num_cpus, env={**s3.env, **cache}, temp_dir=args.ray_temp_dir)
-    (state / "stack.json").write_text(json.dumps({"s3": asdict(s3), "ray": asdict(ray_head)}, indent=2))
+    try:
+        s3.create_buckets(args.bucket or [DEMO_BUCKET])
+        # the node cache of models and adapters lives with the rest of the stack (workers inherit the head's env)
+        cache = {"FJORDTUNE_CACHE": str((state / "cache").resolve())}
+        ray_head = start_ray_head(num_cpus=args.num_cpus, env={**s3.env, **cache}, temp_dir=args.ray_temp_dir)
+    except BaseException:
+        s3.stop()
+        raise
+    write_private(state / "stack.json", json.dumps({"s3": asdict(s3), "ray": asdict(ray_head)}, indent=2))
     # RAY_ADDRESS (the GCS) is for ray.init, RAY_API_SERVER_ADDRESS (the dashboard) for `ray job ...`
-    for k, v in {**s3.env, **cache, "RAY_ADDRESS": ray_head.address, "RAY_API_SERVER_ADDRESS": ray_head.dashboard_url,
-                 "RAY_AUTH_MODE": "disabled", "FJORDTUNE_METRICS_URL": ray_head.metrics_url}.items():
-        print(f"export {k}={v}")
+    exports = {**s3.env, **cache, "RAY_ADDRESS": ray_head.address, "RAY_API_SERVER_ADDRESS": ray_head.dashboard_url,
+               "RAY_AUTH_MODE": "disabled", "FJORDTUNE_METRICS_URL": ray_head.metrics_url}
+    text = "".join(f"export {k}={v}\n" for k, v in exports.items())
+    if args.env_file:
+        write_private(Path(args.env_file), text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -197,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start SeaweedFS and a Ray head; print export lines")
     up.add_argument("--state-dir", default="outputs/devstack")
     up.add_argument("--num-cpus", type=int, default=max(4, os.cpu_count() or 2))
-    up.add_argument("--ray-temp-dir", default=None)
+    up.add_argument("--ray-temp-dir", default=None,
+                    help="Ray's temp dir (sessions, logs, sockets); keep the path short: unix socket paths are limited")
+    up.add_argument("--bucket", action="append", metavar="NAME",
+                    help=f"create this bucket (repeatable; default {DEMO_BUCKET}, the bucket of jobs/demo.yaml)")
+    up.add_argument("--env-file", metavar="PATH",
+                    help="write the export lines to this file (created 0600) instead of printing them")
     down = sub.add_parser("down", help="stop what `up` started")
     down.add_argument("--state-dir", default="outputs/devstack")
     args = p.parse_args(argv)

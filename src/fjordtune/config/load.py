@@ -2,11 +2,18 @@
 
 Each problem is one line naming the file, the key path and, for unknown keys, the nearest valid key:
 ``jobs/x.yaml: lora.rnak: unknown key (did you mean lora.rank?)``.
+
+Credentials never belong in a job file: it travels with the job (uploaded working directory,
+`--set` values in the entrypoint, `submit.env_vars` in Ray's runtime_env) and shows in logs and the
+dashboard. A key or an environment variable named like a credential, or a `user:password@` in a URL,
+is refused with a line that names the key path but never the value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -27,7 +34,9 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({_one_line(e)})") from None
+        secret = _URL_USERINFO.search(raw) or any(map(_is_credential_name, [*path, *re.findall(r"[\w.-]+", raw)]))
+        shown = f"{key.strip()}=..." if secret else repr(text)
+        raise ConfigError(f"--set {shown}: value is not valid YAML ({_yaml_problem(e)})") from None
     return path, value
 
 
@@ -63,7 +72,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -75,22 +84,30 @@ def validate_raw(raw: Mapping[str, Any], *, source: str, overrides: Sequence[str
     """Validate an already-parsed job dict (e.g. received by a Ray worker) into a `JobSpec`."""
     data = apply_overrides(dict(raw), overrides)
     overridden = {".".join(parse_override(o)[0]) for o in overrides}
+    found = find_credentials(data)
+    lines = [f"{_where(source, key, overridden)}: {message}" for key, message in found.problems.items()]
     try:
-        return JobSpec.model_validate(data)
+        job = JobSpec.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(*format_errors(e, source=source, overridden=overridden)) from None
+        lines += format_errors(e, source=source, overridden=overridden, credentials=found)
+    if lines:
+        raise ConfigError(*lines)
+    return job
 
 
-def format_errors(err: ValidationError, *, source: str, overridden: set[str] = frozenset()) -> list[str]:
+def format_errors(err: ValidationError, *, source: str, overridden: set[str] = frozenset(),
+                  credentials: FoundCredentials | None = None) -> list[str]:
+    """One line per pydantic error. Errors at a key already refused as a credential are left out, and
+    any credential value that would still show (in a `(got ...)`) is masked."""
     lines = []
     for item in err.errors():
         loc = [str(x) for x in item["loc"] if not str(x).startswith("function-")]
         # pydantic puts the failing union arm or a "[key]" tag into loc for some types: keep only real keys
         loc = [x for x in loc if x not in _TYPE_TAGS]
         key = ".".join(loc) if loc else "(top level)"
-        where = f"{source}: {key}"
-        if key in overridden or any(key.startswith(o + ".") for o in overridden):
-            where += " (from --set)"
+        if credentials is not None and any(key == k or key.startswith(k + ".") for k in credentials.problems):
+            continue
+        where = _where(source, key, overridden)
         kind = item["type"]
         if kind == "extra_forbidden":
             hint = nearest_key(loc)
@@ -100,7 +117,97 @@ def format_errors(err: ValidationError, *, source: str, overridden: set[str] = f
         else:
             msg = item["msg"].removeprefix("Value error, ")
             lines.append(f"{where}: {msg} (got {_short(item.get('input'))})")
+    if credentials is not None:
+        lines = [credentials.mask(line) for line in lines]
     return sorted(set(lines), key=lines.index)
+
+
+def _where(source: str, key: str, overridden: set[str]) -> str:
+    where = f"{source}: {key}"
+    if key in overridden or any(key.startswith(o + ".") for o in overridden):
+        where += " (from --set)"
+    return where
+
+
+# -- credentials ---------------------------------------------------------------------------------------
+
+_NOT_HERE = "credentials do not belong in a job file"
+_TRAVELS = "(the job file and --set values travel with the job and show in logs and the dashboard)"
+_FROM_ENV = "the cluster's environment, an AWS profile or an instance role"
+_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@\s]*):([^/?#@\s]+)@")
+#: A part of a name (split at `_`, `-`, `.` and camelCase) that marks it as a credential.
+_CREDENTIAL_PART = re.compile(
+    r"\w*(secret|passw(or)?d|passphrase|credential)\w*|\w*token|\w*(api|access|private)key\w*")
+_CREDENTIAL_PAIRS = {("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key")}
+
+
+@dataclasses.dataclass
+class FoundCredentials:
+    """What `find_credentials` found: one message per key path, and the values (to mask)."""
+
+    problems: dict[str, str] = dataclasses.field(default_factory=dict)
+    values: set[str] = dataclasses.field(default_factory=set)
+
+    def mask(self, line: str) -> str:
+        for value in sorted(self.values, key=len, reverse=True):
+            if len(value) >= 4:
+                line = line.replace(value, "***")
+        return line
+
+
+def find_credentials(data: Mapping[str, Any]) -> FoundCredentials:
+    """Credentials written into a job: keys named like one (anywhere, e.g. `storage.secret_key`),
+    credential environment variables in `submit.env_vars` (e.g. `AWS_SECRET_ACCESS_KEY`, `HF_TOKEN`),
+    and `user:password@` in any string (e.g. `storage.endpoint_url`, a `submit.pip` git URL)."""
+    found = FoundCredentials()
+    _scan(data, (), JobSpec, found)
+    return found
+
+
+def _scan(node: Any, loc: tuple[str, ...], model: type[BaseModel] | None, found: FoundCredentials) -> None:
+    key = ".".join(loc)
+    if isinstance(node, Mapping):
+        for name, value in node.items():
+            name = str(name)
+            field_info = model.model_fields.get(name) if model is not None else None
+            if loc == ("submit", "env_vars"):
+                if _is_credential_name(name):
+                    where = "the cluster's environment" if not name.upper().startswith("AWS_") else _FROM_ENV
+                    found.problems[f"{key}.{name}"] = (
+                        f"{_NOT_HERE} (they would travel in Ray's runtime_env and show in the dashboard); "
+                        f"set {name} in {where}")
+                    found.values.update(_leaves(value))
+                    continue
+            elif field_info is None and _is_credential_name(name):
+                found.problems[f"{key}.{name}" if key else name] = (
+                    f"{_NOT_HERE} {_TRAVELS}; S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                    f"in {_FROM_ENV}")
+                found.values.update(_leaves(value))
+                continue
+            sub = _model_of(field_info.annotation) if field_info is not None else None
+            _scan(value, (*loc, name), sub, found)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _scan(value, (*loc, str(i)), None, found)
+    elif isinstance(node, str) and (m := _URL_USERINFO.search(node)):
+        found.problems[key] = (f"{_NOT_HERE} {_TRAVELS}; remove the user:password@ from the URL and give "
+                               f"credentials through {_FROM_ENV}")
+        found.values.update(v for v in (m.group(1), m.group(2), node) if v)
+
+
+def _is_credential_name(name: str) -> bool:
+    """`AWS_SECRET_ACCESS_KEY`, `HF_TOKEN`, `secretKey`, `db_password`: yes; `tokenizer`: no."""
+    parts = [p for p in re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()) if p]
+    return (any(_CREDENTIAL_PART.fullmatch(p) for p in parts)
+            or any(pair in _CREDENTIAL_PAIRS for pair in zip(parts, parts[1:])))
+
+
+def _leaves(value: Any) -> list[str]:
+    if isinstance(value, Mapping):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [] if value is None else [str(value)]
 
 
 def nearest_key(loc: Sequence[str]) -> str | None:
@@ -159,6 +266,15 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's quoted snippet of the text (which may hold a secret)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return " ".join(f"{e.context + ': ' if e.context else ''}{e.problem}{where}".split())
+    return _one_line(e)
 
 
 def _deep_copy(obj: Any) -> Any:

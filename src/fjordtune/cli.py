@@ -223,8 +223,10 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fjordtune import pipeline
+    from fjordtune.storage import Store
 
     job = _load(args)
+    Store.for_job(job).check_bucket(job.storage.uri)  # a storage problem shows in seconds, before the estimate
     if not args.skip_preflight:
         pipeline.preflight(job)
     info = pipeline.train(job)

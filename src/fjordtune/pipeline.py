@@ -71,7 +71,7 @@ def train(job: JobSpec) -> dict[str, Any]:
     store = Store.for_job(job)
     model_uri = stage_model(job, store)
     connect_ray(job)
-    say(f"== train: {job.resources.num_workers} workers, FSDP2, checkpoints in {job.run_uri}/train")
+    say(f"== train: {job.resources.num_workers} workers, FSDP2, checkpoints in {job.run_uri}/checkpoints")
     outcome = run_training(job, model_uri=model_uri)
     say(f"== train done: {outcome.num_steps} steps, final loss {outcome.final_loss}, adapter {outcome.adapter_uri}")
     return {"model_uri": model_uri, "adapter_uri": outcome.adapter_uri, "num_steps": outcome.num_steps,
@@ -110,6 +110,7 @@ def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
     """The whole pipeline. Returns the report paths; everything is also committed to storage."""
     out = Path(output_dir)
     say(f"== fjordtune run {job.name}: storage {job.run_uri}, local output {out.resolve()}")
+    Store.for_job(job).check_bucket(job.storage.uri)  # seconds, before the estimate and any GPU
     preflight(job)
     info = train(job)
     base = tuned = None

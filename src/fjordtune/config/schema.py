@@ -137,7 +137,7 @@ class StorageSection(Section):
         "Default: the FJORDTUNE_CACHE environment variable, else ~/.cache/fjordtune; never /tmp.",
     )
     timeout_s: float = Field(
-        default=60, gt=0, description="Seconds to wait for the S3 server to accept a connection or answer one "
+        default=30, gt=0, description="Seconds to wait for the S3 server to accept a connection or answer one "
         "request before that attempt counts as failed (a frozen server is given up on, not waited for forever).",
     )
     retries: int = Field(

@@ -81,8 +81,11 @@ def _gather(value: Any) -> list[Any]:
 
 
 def save_checkpoint(core: Any, store: Store, run_uri: str, *, step: int, epoch: int, metrics: dict[str, Any],
-                    keep: int, sleep: Callable[[float], None] = time.sleep) -> str:
-    """Save and commit the checkpoint of `step` (a collective: every rank calls it). Returns its URI."""
+                    keep: int, last_committed: int | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
+    """Save and commit the checkpoint of `step` (a collective: every rank calls it). Returns its URI.
+
+    `last_committed`: the step of the last checkpoint this run committed or resumed from (0: none), what
+    the error names as the resume point if this save fails; None: look it up in storage then."""
     rank = _dist().get_rank() if _dist() else 0
     uri = ckpts.step_uri(run_uri, step)
     meta = {"step": step, "epoch": epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
@@ -120,21 +123,32 @@ def save_checkpoint(core: Any, store: Store, run_uri: str, *, step: int, epoch: 
                                 step, attempt, store.retries, error, wait)
                 sleep(wait)
     if error is not None:
-        last = _broadcast(_last_committed(store, run_uri) if rank == 0 else None)
-        resume = (f"the last committed checkpoint is step {last.step} ({last.uri}): rerun the same job to resume from it"
-                  if last else "no checkpoint of this run is committed yet: a rerun starts from step 0")
+        if last_committed is None:  # not known here: ask storage (which may be what just failed)
+            last_committed = _broadcast(_last_committed(store, run_uri) if rank == 0 else None)
         raise InfraError(f"checkpoint at step {step} could not be saved to {uri} after {store.retries} attempts: "
-                         f"{error}; {resume}")
+                         f"{error}; {resume_note(run_uri, last_committed)}")
     if rank == 0:
         _retention(store, run_uri, uri, abandoned, keep=keep)
     return uri
 
 
-def _last_committed(store: Store, run_uri: str) -> Any:
+def resume_note(run_uri: str, last_committed: int | None) -> str:
+    """Where a rerun of the same job starts: `last_committed` is a step (0: none committed), None: unknown."""
+    if last_committed is None:
+        return (f"the committed checkpoints could not be listed: a rerun resumes from the latest committed one "
+                f"(`fjordtune checkpoints ls {run_uri}` once storage answers)")
+    if last_committed == 0:
+        return "no checkpoint of this run is committed yet: a rerun starts from step 0"
+    return (f"the last committed checkpoint is step {last_committed} ({ckpts.step_uri(run_uri, last_committed)}): "
+            "rerun the same job to resume from it")
+
+
+def _last_committed(store: Store, run_uri: str) -> int | None:
     try:
-        return ckpts.latest(store, ckpts.checkpoints_uri(run_uri))
+        last = ckpts.latest(store, ckpts.checkpoints_uri(run_uri))
     except InfraError:
         return None
+    return last.step if last else 0
 
 
 def _retention(store: Store, run_uri: str, uri: str, abandoned: list[str], *, keep: int) -> None:

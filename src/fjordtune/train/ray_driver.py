@@ -18,7 +18,7 @@ from typing import Any
 
 from fjordtune.config.load import dump_job, validate_raw
 from fjordtune.config.schema import JobSpec
-from fjordtune.errors import InfraError, reraise_as_fjordtune
+from fjordtune.errors import InfraError, find_fjordtune_error
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,21 @@ class TrainOutcome:
     final_loss: float | None
     num_steps: int
     metrics: dict[str, Any]
+
+
+class LastCommitted:
+    """A small actor the driver owns: the step of the newest checkpoint the workers committed or resumed
+    from. When the run fails, the driver's error line names it even if Ray Train restarted the worker group
+    and the new workers failed before they could say (storage not answering)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def set(self, step: int) -> None:
+        self.step = step if self.step is None else max(self.step, step)
+
+    def get(self) -> int | None:
+        return self.step
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -76,6 +91,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         core.step = start_step
         if rank == 0:
             log.info("resumed from checkpoint step %d (%s, commit %s)", start_step, resume.uri, resume.pointer.commit)
+    last_committed = start_step
+    if rank == 0:
+        config["progress"].set.remote(start_step)
     if start_step < total:
         # one download per node (a file lock in the node cache), then each rank reads only its slices
         core.load_base_weights(local_model_dir(config["model_uri"], store=store, cache_root=cache))
@@ -113,7 +131,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          step, total, epoch, res.loss, res.grad_norm, res.lr, tps)
             if step % every == 0 or step == total:
                 save_checkpoint(core, store, job.run_uri, step=step, epoch=epoch, metrics=metrics,
-                                keep=job.train.num_checkpoints_to_keep)
+                                keep=job.train.num_checkpoints_to_keep, last_committed=last_committed)
+                last_committed = step
+                if rank == 0:
+                    config["progress"].set.remote(step)
             ray.train.report(metrics)
 
     summary = telemetry.close() if telemetry else {}
@@ -142,9 +163,11 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
     rows = read_rows(job.data.train_files, store=store)
     adapter_uri = f"{job.run_uri}/adapter"
     res = job.resources
+    progress = ray.remote(num_cpus=0)(LastCommitted).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": dump_job(job), "model_uri": model_uri, "adapter_uri": adapter_uri, "rows": rows},
+        train_loop_config={"job": dump_job(job), "model_uri": model_uri, "adapter_uri": adapter_uri, "rows": rows,
+                           "progress": progress},
         # ranks that wait for their node's one model download (238 GB) meet the others at the first
         # collective only after it: a longer timeout than the 30-minute default
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo", timeout_s=PROCESS_GROUP_TIMEOUT_S),
@@ -161,9 +184,11 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
     try:
         result = trainer.fit()
     except ray.train.WorkerGroupError as e:
-        for exc in e.worker_failures.values():  # a user error on a worker stays a user error
-            reraise_as_fjordtune(exc)
-        raise InfraError(f"training failed on a worker: {e}") from None
+        found = [f for f in map(find_fjordtune_error, e.worker_failures.values()) if f is not None]
+        if found and not isinstance(found[0], InfraError):  # a user error on a worker stays a user error
+            raise type(found[0])(*found[0].lines) from None
+        first, *rest = found[0].lines if found else (f"training failed on a worker: {e}",)
+        raise InfraError(_with_resume_point(first, progress, job.run_uri), *rest) from None
     except ray.train.ControllerError as e:
         raise InfraError(f"training failed: {e}") from None
     del result  # its metrics are those of the last report; the committed checkpoint is the record
@@ -172,3 +197,18 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
         raise InfraError(f"training finished but no checkpoint is committed under {ckpts.checkpoints_uri(job.run_uri)}")
     meta = dict(last.pointer.meta)
     return TrainOutcome(adapter_uri, meta.get("loss"), int(meta.get("step", last.step)), meta)
+
+
+def _with_resume_point(line: str, progress: Any, run_uri: str) -> str:
+    """`line` and where a rerun resumes, from what the workers told `progress` (not from storage, which may be
+    what failed); unchanged if the line says it already (a failed checkpoint save does) or nobody knows."""
+    import ray
+
+    from fjordtune.train.checkpointing import resume_note
+
+    try:
+        step = ray.get(progress.get.remote(), timeout=30)
+    except Exception:  # the actor is gone with its node: say nothing rather than guess
+        return line
+    note = resume_note(run_uri, step) if step is not None else None
+    return line if note is None or note in line else f"{line}; {note}"

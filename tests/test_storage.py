@@ -311,10 +311,11 @@ def test_unreachable_endpoint_is_a_one_line_infra_error(s3_env: S3Server) -> Non
 # -- versioned commits -------------------------------------------------------------------------------
 
 def test_commit_layout_pointer_manifest_and_checksums(base_uri: str, tmp_path: Path) -> None:
-    """Files live under commits/<id>/, the manifest holds each file's size and sha256, and the pointer
+    """Files live under commits/<id>/, the manifest holds each file's size and checksum, and the pointer
     names the live commit: what readers follow."""
-    import hashlib
     import json
+
+    import xxhash
 
     store = Store()
     store.ensure_bucket(base_uri)
@@ -324,8 +325,9 @@ def test_commit_layout_pointer_manifest_and_checksums(base_uri: str, tmp_path: P
     assert ptr is not None and ptr.commit == commit and ptr.meta == {"step": 3} and ptr.previous is None
     assert ptr.files == len(FILES) and ptr.bytes == sum(len(v) for v in FILES.values())
     manifest = json.loads(store.read_bytes(f"{uri}/{MANIFESTS}/{commit}.json"))
-    assert {rel: e["sha256"] for rel, e in manifest["files"].items()} == {
-        rel: hashlib.sha256(data).hexdigest() for rel, data in FILES.items()}
+    assert manifest["checksum"] == "xxh3_128"
+    assert {rel: e["xxh3_128"] for rel, e in manifest["files"].items()} == {
+        rel: xxhash.xxh3_128(data).hexdigest() for rel, data in FILES.items()}
     assert store.read_bytes(f"{uri}/{COMMITS}/{commit}/weights/shard-0.bin") == FILES["weights/shard-0.bin"]
     assert store.read_file(uri, "config.json") == FILES["config.json"]
 
@@ -357,7 +359,7 @@ def test_corrupted_object_fails_the_download_and_is_named(s3_env: S3Server, s3_p
     raw_client(s3_env).put_object(Bucket=BUCKET, Key=key, Body=bytes(bad))
     with pytest.raises(InfraError) as info:
         store.download_dir(uri, tmp_path / "out")
-    assert f"s3://{BUCKET}/{key}" in str(info.value) and "sha256" in str(info.value)
+    assert f"s3://{BUCKET}/{key}" in str(info.value) and "checksum" in str(info.value)
     with pytest.raises(InfraError):
         store.local_view(uri, tmp_path / "cache")
     assert not any((tmp_path / "cache").rglob(MARKER)), "a corrupted copy is never cached as complete"

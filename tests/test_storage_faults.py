@@ -205,7 +205,7 @@ def test_prune_keeps_exactly_the_last_k_and_download_names_a_corrupted_object(se
     bad = cli("checkpoints", "download", run, str(tmp_path / "bad"))
     assert bad.returncode == 3, bad.stdout + bad.stderr
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"s3://{BUCKET}/{key}" in errors[0] and "sha256" in errors[0], bad.stderr
+    assert len(errors) == 1 and f"s3://{BUCKET}/{key}" in errors[0] and "checksum" in errors[0], bad.stderr
     assert "Traceback" not in bad.stderr
 
 

@@ -395,3 +395,23 @@ def test_retries_are_logged_and_bounded(s3_env: S3Server, caplog: pytest.LogCapt
     retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert len(retries) == 2, retries  # attempts 1 and 2 failed and were retried; the 3rd gave up
     assert "cannot reach the S3 server" in str(info.value) and "3 attempts" in str(info.value)
+
+
+def test_large_uploads_log_progress(base_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A 26 GB checkpoint must not upload in silence: progress lines while it moves, a summary at the end
+    (thresholds lowered so a few MiB stand in for gigabytes)."""
+    import logging
+
+    from fjordtune.storage import store as store_module
+
+    monkeypatch.setattr(store_module, "PROGRESS_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(store_module, "PROGRESS_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, logger="fjordtune.storage.store")
+    store = Store(part_size_mib=5)
+    store.ensure_bucket(base_uri)
+    uri = f"{base_uri}/ckpt"
+    store.upload_dir(make_tree(tmp_path / "big", {"a.bin": os.urandom(12 << 20)}), uri)
+    moving = [m for m in caplog.messages if m.startswith("uploading ") and " of 12.0 MiB (" in m]
+    assert moving, caplog.messages
+    assert any(m.startswith("uploaded ") and "(12.0 MiB) in " in m for m in caplog.messages), caplog.messages

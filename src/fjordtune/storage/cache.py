@@ -21,20 +21,18 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fjordtune.errors import UserError
-from fjordtune.storage.store import MARKER, Location
+from fjordtune.storage.store import MARKER, Location, TransferProgress
 
 log = logging.getLogger(__name__)
 
 MIN_FREE_ENV = "FJORDTUNE_CACHE_MIN_FREE"
 DEFAULT_MIN_FREE_BYTES = 1 << 30
-PROGRESS_EVERY_S = 5.0
 WAIT_LOG_EVERY_S = 60.0
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -132,7 +130,7 @@ def _download(store: Any, uri: str, commit: str, entry: Path, *, min_free: int |
     total = sum(files.values())
     check_free_space(entry.parent, total, uri=uri, min_free=min_free)
     log.info("downloading %s (%d files, %s) into %s", uri, len(files), _size(total), entry)
-    progress = _Progress(uri, total=total)
+    progress = TransferProgress("downloading", uri, total=total)
     partial.mkdir()
     try:
         # this very commit, verified file by file: a rewrite of `uri` meanwhile flips the pointer but keeps
@@ -143,7 +141,7 @@ def _download(store: Any, uri: str, commit: str, entry: Path, *, min_free: int |
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    progress.finish(entry)
+    progress.finish(f"into {entry}")
 
 
 def _remove_abandoned_partials(folder: Path) -> None:
@@ -154,30 +152,6 @@ def _remove_abandoned_partials(folder: Path) -> None:
             if _try_lock(fh):
                 log.info("removing %s, left by an interrupted download", partial)
                 shutil.rmtree(partial, ignore_errors=True)
-
-
-class _Progress:
-    """boto3 transfer callback: counts bytes (from several threads) and logs every few seconds."""
-
-    def __init__(self, uri: str, *, total: int) -> None:
-        self.uri, self.total, self.done = uri, total, 0
-        self.start = self.last = time.monotonic()
-        self.lock = threading.Lock()
-
-    def __call__(self, num_bytes: int) -> None:
-        with self.lock:
-            self.done += num_bytes
-            now = time.monotonic()
-            if now - self.last < PROGRESS_EVERY_S:
-                return
-            self.last = now
-        log.info("downloading %s: %s of %s (%.0f%%)", self.uri, _size(self.done), _size(self.total),
-                 100 * self.done / max(self.total, 1))
-
-    def finish(self, entry: Path) -> None:
-        seconds = time.monotonic() - self.start
-        log.info("downloaded %s (%s) in %.1f s (%.0f MB/s) into %s", self.uri, _size(self.total), seconds,
-                 self.total / 1e6 / max(seconds, 1e-3), entry)
 
 
 def _size(num_bytes: int) -> str:

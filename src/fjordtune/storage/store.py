@@ -236,6 +236,36 @@ class CommitInfo:
     modified: float  # newest object's time (epoch seconds)
 
 
+PROGRESS_EVERY_S = 5.0
+PROGRESS_MIN_BYTES = 256 << 20
+
+
+class TransferProgress:
+    """A transfer callback that counts bytes (from several threads) and logs every few seconds, so a
+    26 GB checkpoint or a 238 GB model never moves in silence."""
+
+    def __init__(self, verb: str, uri: str, *, total: int) -> None:
+        self.verb, self.uri, self.total, self.done = verb, uri, total, 0
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, num_bytes: int) -> None:
+        with self.lock:
+            self.done += num_bytes
+            now = time.monotonic()
+            if now - self.last < PROGRESS_EVERY_S:
+                return
+            self.last = now
+        log.info("%s %s: %s of %s (%.0f%%)", self.verb, self.uri, human_size(self.done), human_size(self.total),
+                 100 * self.done / max(self.total, 1))
+
+    def finish(self, where: str = "") -> None:
+        seconds = time.monotonic() - self.start
+        past = {"uploading": "uploaded", "downloading": "downloaded"}.get(self.verb, self.verb)
+        log.info("%s %s (%s) in %.1f s (%.0f MB/s)%s", past, self.uri, human_size(self.total), seconds,
+                 self.total / 1e6 / max(seconds, 1e-3), f" {where}" if where else "")
+
+
 def new_commit_id() -> str:
     """Sortable by time, unique, and safe as a file name: 20261201T233000Z-3f9a1c2b."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
@@ -609,10 +639,17 @@ class Store:
         base = Location.parse(uri).child(f"{COMMITS}/{commit}")
         pairs = [(local_dir / rel, base.child(rel)) for rel in rels]
         self.check_bucket(uri)  # some S3 servers (SeaweedFS) create a missing bucket on the first PUT
+        progress = None
+        if on_bytes is None:
+            total = sum((local_dir / rel).stat().st_size for rel in rels)
+            if total >= PROGRESS_MIN_BYTES:
+                progress = on_bytes = TransferProgress("uploading", str(base), total=total)
         with self.errors(uri), ThreadPoolExecutor(max_workers=2, thread_name_prefix="fjordtune-hash") as pool:
             hashes = {rel: pool.submit(checksum_file, local_dir / rel) for rel in rels}
             self._backend(base).put_files(pairs, on_bytes)
             entries = {rel: FileEntry((local_dir / rel).stat().st_size, h.result()) for rel, h in hashes.items()}
+        if progress:
+            progress.finish()
         log.debug("uploaded %d files (%d bytes) to %s", len(rels), sum(e.size for e in entries.values()), base)
         return entries
 

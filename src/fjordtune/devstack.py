@@ -144,6 +144,7 @@ class RayHead:
     dashboard_url: str
     metrics_url: str
     pgid: int | None = None  # process group of the head's services (None: a stack.json from before it was kept)
+    temp_dir: str | None = None  # the head's --temp-dir (None: Ray's default, /tmp/ray)
 
     def stop(self, timeout: float = 30) -> None:
         """Stop this head only: its process group and every process below it (workers, job drivers), not
@@ -158,6 +159,15 @@ class RayHead:
         deadline = time.monotonic() + timeout
         while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Remove Ray's "latest cluster" file if it names this head (as `ray stop` does): a plain
+        `ray.init()` on this machine would otherwise try to join the dead head for minutes."""
+        current = Path(self.temp_dir or "/tmp/ray") / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().rsplit(":", 1)[-1] == self.address.rsplit(":", 1)[-1]:
+                current.unlink()
 
 
 def _process_tree(pgid: int) -> list[int]:
@@ -221,7 +231,7 @@ def start_ray_head(*, num_cpus: int, env: dict[str, str], temp_dir: str | None =
     if proc.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{out}\n{err}")
     return RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics",
-                   pgid=proc.pid)
+                   pgid=proc.pid, temp_dir=temp_dir)
 
 
 def _terminate(pid: int, timeout: float) -> None:

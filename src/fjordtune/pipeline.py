@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -40,10 +41,32 @@ def connect_ray(job: JobSpec) -> None:
         ray.init(address="auto", logging_level=logging.WARNING)
     elif address:
         ray.init(logging_level=logging.WARNING)
+    elif (running := _live_local_cluster()) is not None:  # e.g. `fjordtune train` on a head node
+        log.info("joining the Ray cluster running on this node at %s", running)
+        ray.init(address=running, logging_level=logging.WARNING)
     else:  # no cluster: a private local one for this process
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     ctx = ray.get_runtime_context()
     say(f"Ray: connected (node {ctx.get_node_id()[:8]}), resources {ray.cluster_resources()}")
+
+
+def _live_local_cluster() -> str | None:
+    """The GCS address of the Ray cluster this node last started, if it still answers. A plain `ray.init()`
+    would also join one that died without `ray stop` (its address stays in /tmp/ray/ray_current_cluster)
+    and retry it for minutes; a dead one is skipped here with a warning."""
+    import socket
+
+    path = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
+    try:
+        address = path.read_text().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        log.warning("%s names a Ray cluster that does not answer; starting a private local one", path)
+        return None
 
 
 def stage_model(job: JobSpec, store: Store) -> str:

@@ -129,9 +129,12 @@ def prune(store: Store, uri: str, *, keep: int, grace_s: float = LEFTOVER_GRACE_
                 if c.status == "previous":
                     continue  # a reader may still hold it; it goes when the folder does
                 target = f"{info.uri}@{c.commit}"
-                (result.cleaned if now - c.modified >= grace_s else result.spared).append(target)
-            if not dry_run:
-                store.clean(info.uri, grace_s=grace_s)
+                if now - c.modified < grace_s:
+                    result.spared.append(target)
+                    continue
+                result.cleaned.append(target)
+                if not dry_run:  # from the listing above: no second listing of the folder
+                    store.delete_commit(info.uri, c.commit)
     return result
 
 

@@ -60,6 +60,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str, ac: bool
         if resume_dir:
             core.load_resumable(resume_dir)
             start = STEPS // 2
+            core.step = start  # the lr schedule's position (the training loop restores it from progress.json)
         for i, b in enumerate(batches):
             if i < start:
                 continue

@@ -104,7 +104,9 @@ def test_checkpoints_are_committed_and_pruned(full_run):
 
 def test_training_resumes_where_it_stopped(ray_s3, tmp_path):
     """Train 2 steps, then ask for 4 under the same name: the second run resumes from step 2 and ends
-    with the same adapter as an uninterrupted 4-step run."""
+    with the same adapter as an uninterrupted 4-step run. (A constant lr: a decaying schedule spans the
+    run's steps, so 2 and 4 steps are different schedules; a resume on the same schedule is
+    test_train_recipe.py's and test_train_faults.py's.)"""
     import torch
     from safetensors.torch import load_file
 
@@ -112,10 +114,11 @@ def test_training_resumes_where_it_stopped(ray_s3, tmp_path):
     from fjordtune.config import load_job
     from fjordtune.storage import Store
 
-    first = pipeline.train(load_job(DEMO, small("resume", "train.max_steps=2")))
+    const = ("train.lr_schedule=constant", "train.warmup_steps=0")
+    first = pipeline.train(load_job(DEMO, small("resume", "train.max_steps=2", *const)))
     assert first["num_steps"] == 2
-    resumed = pipeline.train(load_job(DEMO, small("resume")))
-    straight = pipeline.train(load_job(DEMO, small("straight")))
+    resumed = pipeline.train(load_job(DEMO, small("resume", *const)))
+    straight = pipeline.train(load_job(DEMO, small("straight", *const)))
     assert resumed["num_steps"] == straight["num_steps"] == 4
     store = Store()
     a = load_file(str(store.local_view(resumed["adapter_uri"], os.environ["FJORDTUNE_CACHE"]) / "adapter_model.safetensors"))
@@ -126,7 +129,7 @@ def test_training_resumes_where_it_stopped(ray_s3, tmp_path):
     # a finished run submitted again trains nothing more, keeps its adapter, and never reads the base
     # weights: its checkpoint is read first (a fresh node cache stays without the model)
     fresh_cache = tmp_path / "fresh-cache"
-    again = pipeline.train(load_job(DEMO, small("resume", f"storage.cache_dir={fresh_cache}")))
+    again = pipeline.train(load_job(DEMO, small("resume", f"storage.cache_dir={fresh_cache}", *const)))
     assert again["num_steps"] == 4
     assert not list(fresh_cache.rglob("base-model")), sorted(fresh_cache.rglob("*"))[:10]
     c = load_file(str(store.local_view(again["adapter_uri"], os.environ["FJORDTUNE_CACHE"]) / "adapter_model.safetensors"))

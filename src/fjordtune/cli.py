@@ -227,9 +227,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     job = _load(args)
     Store.for_job(job).check_bucket(job.storage.uri)  # a storage problem shows in seconds, before the estimate
+    predicted = None
     if not args.skip_preflight:
-        pipeline.preflight(job)
-    info = pipeline.train(job)
+        predicted = pipeline.preflight(job).estimate.total_bytes
+    info = pipeline.train(job, predicted_peak_bytes=predicted)
     print(json.dumps(info, indent=2))
     return 0
 

@@ -68,31 +68,87 @@ class DataSection(Section):
         min_length=1,
         description="JSON-lines files of chat rows {messages: [{role, content}, ...]}; local paths or s3:// URIs.",
     )
-    max_seq_len: int = Field(default=1024, gt=8, description="Sequences are truncated to this many tokens.")
+    max_seq_len: int = Field(
+        default=1024, gt=8, description="Longest training sequence in tokens; longer rows are counted and reported "
+        "before training, then cut or dropped (`truncation`). With `packing`, the length of every packed sequence.",
+    )
+    truncation: Literal["truncate", "drop"] = Field(
+        default="truncate", description="Rows longer than max_seq_len: `truncate` cuts them (a row left with no "
+        "assistant token is dropped), `drop` leaves them out. The counts are logged before training either way.",
+    )
+    packing: bool = Field(
+        default=False, description="Concatenate whole examples into sequences of up to max_seq_len tokens "
+        "(first-fit decreasing). Position ids restart per example and attention never crosses an example "
+        "boundary; the loss stays on assistant tokens. Fewer padding tokens, so more real tokens per second.",
+    )
     chat_template: bool = Field(
         default=True, description="Format rows with the tokenizer's chat template (loss on assistant turns only)."
     )
     shuffle_seed: int = Field(default=0, description="Seed of the per-epoch shuffle.")
+    eval_files: list[str] = Field(
+        default_factory=list, description="Held-out chat rows (JSON lines, local or s3://) whose loss is measured "
+        "before training (the base model), every train.eval_every_steps and at the end.",
+    )
+    eval_fraction: float = Field(
+        default=0.0, ge=0, lt=1, description="Hold out this fraction of train_files (a fixed random split) as "
+        "held-out rows instead of eval_files; 0 = none.",
+    )
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSection:
+        if self.eval_files and self.eval_fraction:
+            raise ValueError("set eval_files or eval_fraction, not both")
+        return self
 
 
 class TrainSection(Section):
-    """Optimisation, activation checkpointing and resumable checkpoints."""
+    """Optimisation, schedule, held-out loss, activation checkpointing, checkpoints and fault tolerance."""
 
     epochs: int = Field(default=2, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None, gt=0, description="Optimizer steps to train instead of `epochs` (the schedule spans them); "
+        "data repeats in new epochs if needed.",
+    )
     lr: float = Field(default=5e-5, gt=0, description="Peak AdamW learning rate.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="After the warm-up: `cosine` or `linear` decay from lr to min_lr at the "
+        "last step, or `constant` at lr.",
+    )
+    min_lr: float = Field(default=0.0, ge=0, description="Learning rate the decay ends at (the last step's).")
+    warmup_steps: int | None = Field(
+        default=None, ge=0, description="Linear warm-up steps from lr/warmup_steps to lr; default: 3% of all "
+        "steps (at least 1).",
+    )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay on adapter weights.")
-    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps, then constant.")
-    micro_batch_size: int = Field(default=1, gt=0, description="Sequences per worker per step.")
+    micro_batch_size: int = Field(default=1, gt=0, description="Sequences per worker per forward/backward.")
+    grad_accum_steps: int = Field(
+        default=1, gt=0, description="Micro-batches whose gradients add up before each optimizer step: the "
+        "effective batch is num_workers x micro_batch_size x grad_accum_steps sequences.",
+    )
     grad_clip: float = Field(default=1.0, ge=0, description="Max gradient norm (0 = no clipping).")
-    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many steps (for smoke runs).")
     activation_checkpointing: bool = Field(
         default=True, description="Recompute each decoder layer in backward (less memory, ~30% more compute)."
     )
+    eval_every_steps: int = Field(
+        default=0, ge=0, description="Held-out loss (data.eval_files / eval_fraction) every N steps; 0 = at the "
+        "end of each epoch. Always also before the first step (the base model) and after the last.",
+    )
     checkpoint_every_steps: int = Field(
-        default=0, ge=0, description="Save a resumable checkpoint every N steps; 0 = at the end of each epoch."
+        default=0, ge=0, description="Save a resumable checkpoint every N steps; 0 = at the end of each epoch. "
+        "It uploads in the background while training goes on; the last one is always waited for.",
     )
     num_checkpoints_to_keep: int = Field(default=2, gt=0, description="Resumable checkpoints kept in storage.")
+    max_failures: int = Field(
+        default=3, ge=0, description="Times Ray Train restarts the workers after one dies (OOM, lost node, "
+        "SIGKILL); each restart resumes from the newest committed checkpoint in storage.",
+    )
     seed: int = Field(default=0, description="Seed for adapter init and data order.")
+
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> TrainSection:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr:g} is above lr {self.lr:g}")
+        return self
 
 
 class EvalSection(Section):

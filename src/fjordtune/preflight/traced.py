@@ -110,7 +110,8 @@ def trace_memory(job: JobSpec, config: Any, *, checkpoint_bytes_per_param: float
         with fake, _peak(FSDPMemTracker(core.model, core.optimizer)) as training:
             for step in range(NUM_STEPS):
                 ids = torch.randint(0, vocab, tokens)
-                core.forward_backward(ids, ids, torch.ones_like(ids), num_tokens_total=float(ids.numel()))
+                core.forward_backward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids,
+                                      num_tokens_total=float(ids.numel()))
                 core.optimizer.step()
                 core.optimizer.zero_grad(set_to_none=True)
                 if step == 0:

@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +35,7 @@ from fjordtune.storage.store import FileEntry, new_commit_id
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
+RNG_FILE = "rng-rank{rank:05d}.pt"
 BACKOFF_S = 2.0
 MAX_BACKOFF_S = 60.0
 T = TypeVar("T")
@@ -80,56 +84,180 @@ def _gather(value: Any) -> list[Any]:
     return out
 
 
-def save_checkpoint(core: Any, store: Store, run_uri: str, *, step: int, epoch: int, metrics: dict[str, Any],
-                    keep: int, last_committed: int | None = None, sleep: Callable[[float], None] = time.sleep) -> str:
-    """Save and commit the checkpoint of `step` (a collective: every rank calls it). Returns its URI.
+class CheckpointWriter:
+    """Checkpoints that do not stall training: save locally, upload in the background, commit when every
+    rank's upload is done. All methods except the upload thread are collectives, called by every rank in
+    the same order (`start` at a checkpoint step, `poll` after each step, `wait` at the end).
 
-    `last_committed`: the step of the last checkpoint this run committed or resumed from (0: none), what
-    the error names as the resume point if this save fails; None: look it up in storage then."""
-    rank = _dist().get_rank() if _dist() else 0
-    uri = ckpts.step_uri(run_uri, step)
-    meta = {"step": step, "epoch": epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-    abandoned: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="fjordtune-ckpt-") as tmp:
-        core.save_resumable(tmp)
-        if rank == 0:
-            Path(tmp, PROGRESS_FILE).write_text(json.dumps({"step": step, "epoch": epoch}))
-        error: str | None = None
-        for attempt in range(1, store.retries + 1):
-            commit = _broadcast(new_commit_id() if rank == 0 else None)
-            entries: dict[str, FileEntry] = {}
-            try:
-                entries, error = store.upload_files(tmp, uri, commit), None
-            except InfraError as e:
-                error = f"rank {rank}: {e.lines[0]}"
-            parts = _gather((entries, error))
-            error = next((err for _, err in parts if err), None)
-            if error is None and rank == 0:
-                merged: dict[str, FileEntry] = {}
-                for part, _ in parts:
-                    merged.update(part)
-                try:
-                    store.finish_commit(uri, commit, merged, meta=meta)
-                except InfraError as e:
-                    error = f"rank 0: {e.lines[0]}"
-            error = _broadcast(error)
-            if error is None:
-                break
-            abandoned.append(commit)
-            if attempt < store.retries:
-                wait = backoff_s(attempt)
-                if rank == 0:
-                    log.warning("checkpoint step %d: commit attempt %d of %d failed (%s); retrying in %.0f s",
-                                step, attempt, store.retries, error, wait)
-                sleep(wait)
-    if error is not None:
-        if last_committed is None:  # not known here: ask storage (which may be what just failed)
-            last_committed = _broadcast(_last_committed(store, run_uri) if rank == 0 else None)
-        raise InfraError(f"checkpoint at step {step} could not be saved to {uri} after {store.retries} attempts: "
-                         f"{error}; {resume_note(run_uri, last_committed)}")
-    if rank == 0:
-        _retention(store, run_uri, uri, abandoned, keep=keep)
-    return uri
+    `start` writes this rank's DCP shard (adapter and optimizer), its RNG state and (rank 0) the progress
+    file (step, epoch, schedule, `progress`) to a local folder, and hands the upload to a thread; training
+    goes on. `poll` asks all ranks whether their uploads are done (one tiny all-reduce while one is in
+    flight); once all are, rank 0 writes the manifest and flips the pointer: the checkpoint exists only from
+    that moment, never half-written. A rank whose upload failed makes every rank retry the whole commit
+    under a new id (synchronously), up to `storage.retries` attempts in all; then the run stops with exit
+    3 and names the checkpoint a rerun resumes from. At most one checkpoint is in flight: `start` first
+    waits for the previous one, so local disk holds at most two.
+    """
+
+    def __init__(self, store: Store, run_uri: str, *, keep: int, last_committed: int | None = 0,
+                 on_commit: Callable[[int, dict[str, Any]], None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.store, self.run_uri, self.keep = store, run_uri, keep
+        self.last_committed = last_committed
+        self.on_commit = on_commit
+        self.sleep = sleep
+        self.rank = _dist().get_rank() if _dist() else 0
+        self.pending: _Pending | None = None
+
+    def start(self, core: Any, *, step: int, epoch: int, metrics: dict[str, Any],
+              progress: dict[str, Any] | None = None) -> None:
+        self.wait()
+        uri = ckpts.step_uri(self.run_uri, step)
+        meta = {"step": step, "epoch": epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        tmp = tempfile.mkdtemp(prefix="fjordtune-ckpt-")
+        t0 = time.perf_counter()
+        try:
+            core.save_resumable(tmp)
+            if hasattr(core, "rng_state"):
+                import torch
+
+                torch.save(core.rng_state(), Path(tmp, RNG_FILE.format(rank=self.rank)))
+            if self.rank == 0:
+                Path(tmp, PROGRESS_FILE).write_text(json.dumps({"step": step, "epoch": epoch, **(progress or {})}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        local_bytes = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        pending = _Pending(step=step, uri=uri, meta=meta, tmp=tmp, local_bytes=local_bytes,
+                           save_s=time.perf_counter() - t0, commit=_broadcast(new_commit_id() if self.rank == 0 else None))
+        pending.thread = threading.Thread(target=self._upload, args=(pending,), name=f"ckpt-upload-{step}", daemon=True)
+        pending.thread.start()
+        self.pending = pending
+
+    def _upload(self, p: _Pending) -> None:
+        t0 = time.perf_counter()
+        try:
+            p.entries = self.store.upload_files(p.tmp, p.uri, p.commit)
+        except InfraError as e:
+            p.error = f"rank {self.rank}: {e.lines[0]}"
+        except Exception as e:  # noqa: BLE001 - reported through the collective, never lost in a thread
+            p.error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        finally:
+            p.upload_s = time.perf_counter() - t0
+            p.done.set()
+
+    def poll(self) -> int | None:
+        """After a training step: if every rank's upload is done, commit; returns the step committed now."""
+        if self.pending is None:
+            return None
+        self.pending.steps_overlapped += 1
+        if _all_ranks(self.pending.done.is_set()):
+            return self._finish()
+        return None
+
+    def wait(self) -> int | None:
+        """Wait for the checkpoint in flight (if any) and commit it; returns its step."""
+        if self.pending is None:
+            return None
+        self.pending.done.wait()
+        return self._finish()
+
+    def _finish(self) -> int:
+        p, self.pending = self.pending, None
+        assert p is not None and p.thread is not None
+        p.thread.join()
+        abandoned: list[str] = []
+        error: str | None = p.error
+        try:
+            for attempt in range(1, self.store.retries + 1):
+                if attempt > 1:  # a failed attempt: every rank uploads again, synchronously, under a new id
+                    p.commit = _broadcast(new_commit_id() if self.rank == 0 else None)
+                    p.error, p.entries = None, {}
+                    self._upload(p)
+                parts = _gather((p.entries, p.error))
+                error = next((err for _, err in parts if err), None)
+                if error is None and self.rank == 0:
+                    merged: dict[str, FileEntry] = {}
+                    for part, _ in parts:
+                        merged.update(part)
+                    try:
+                        self.store.finish_commit(p.uri, p.commit, merged, meta=p.meta)
+                    except InfraError as e:
+                        error = f"rank 0: {e.lines[0]}"
+                    p.committed_bytes = sum(e.size for e in merged.values())
+                error = _broadcast(error)
+                if error is None:
+                    break
+                abandoned.append(p.commit)
+                if attempt < self.store.retries:
+                    wait = backoff_s(attempt)
+                    if self.rank == 0:
+                        log.warning("checkpoint step %d: commit attempt %d of %d failed (%s); retrying in %.0f s",
+                                    p.step, attempt, self.store.retries, error, wait)
+                    self.sleep(wait)
+        finally:
+            shutil.rmtree(p.tmp, ignore_errors=True)
+        if error is not None:
+            last = self.last_committed
+            if last is None:  # not known here: ask storage (which may be what just failed)
+                last = _broadcast(_last_committed(self.store, self.run_uri) if self.rank == 0 else None)
+            raise InfraError(f"checkpoint at step {p.step} could not be saved to {p.uri} after {self.store.retries} "
+                             f"attempts: {error}; {resume_note(self.run_uri, last)}")
+        self.last_committed = p.step
+        if self.rank == 0:
+            log.info("checkpoint step %d committed: %s in %s (saved locally in %.1f s, uploaded in %.1f s%s)",
+                     p.step, _mib(p.committed_bytes), p.uri, p.save_s, p.upload_s,
+                     f" while {p.steps_overlapped} training step(s) ran" if p.steps_overlapped else "")
+            _retention(self.store, self.run_uri, p.uri, abandoned, keep=self.keep)
+        if self.on_commit is not None:
+            self.on_commit(p.step, p.meta)
+        return p.step
+
+
+@dataclass
+class _Pending:
+    step: int
+    uri: str
+    meta: dict[str, Any]
+    tmp: str
+    local_bytes: int
+    save_s: float
+    commit: str
+    thread: threading.Thread | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    entries: dict[str, FileEntry] = field(default_factory=dict)
+    error: str | None = None
+    upload_s: float = 0.0
+    committed_bytes: int = 0
+    steps_overlapped: int = 0
+
+
+def _all_ranks(flag: bool) -> bool:
+    dist = _dist()
+    if dist is None:
+        return flag
+    import torch
+
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def save_checkpoint(core: Any, store: Store, run_uri: str, *, step: int, epoch: int, metrics: dict[str, Any],
+                    keep: int, last_committed: int | None = None, progress: dict[str, Any] | None = None,
+                    sleep: Callable[[float], None] = time.sleep) -> str:
+    """Save and commit the checkpoint of `step` and wait for it (a collective: every rank calls it).
+    Returns its URI. `last_committed`: the step of the last checkpoint this run committed or resumed from
+    (0: none), what the error names as the resume point if this save fails; None: look it up in storage."""
+    writer = CheckpointWriter(store, run_uri, keep=keep, last_committed=last_committed, sleep=sleep)
+    writer.start(core, step=step, epoch=epoch, metrics=metrics, progress=progress)
+    writer.wait()
+    return ckpts.step_uri(run_uri, step)
 
 
 def resume_note(run_uri: str, last_committed: int | None) -> str:
@@ -172,9 +300,20 @@ def find_resume_point(store: Store, run_uri: str) -> ckpts.CheckpointInfo | None
     return _broadcast(found)
 
 
-def load_checkpoint(core: Any, store: Store, info: ckpts.CheckpointInfo, *, cache_root: str) -> int:
+def load_checkpoint(core: Any, store: Store, info: ckpts.CheckpointInfo, *, cache_root: str) -> dict[str, Any]:
     """Load a committed checkpoint into `core` (via the node cache: one verified download per node and
-    commit, shared by the node's ranks); return its step."""
-    directory = store.local_view(info.uri, cache_root)
+    commit, shared by the node's ranks): adapter, optimizer and this rank's RNG state. Returns its
+    progress record: step, epoch, and what the loop saved with it (schedule, base held-out loss)."""
+    directory = Path(store.local_view(info.uri, cache_root))
     core.load_resumable(directory)
-    return int(json.loads((Path(directory) / PROGRESS_FILE).read_text())["step"])
+    progress = json.loads((directory / PROGRESS_FILE).read_text())
+    rank = _dist().get_rank() if _dist() else 0
+    rng = directory / RNG_FILE.format(rank=rank)
+    if rng.exists() and hasattr(core, "set_rng_state"):
+        import torch
+
+        core.set_rng_state(torch.load(rng, weights_only=False))
+    elif rank == 0:
+        log.warning("checkpoint %s has no RNG state for rank %d (saved by another number of workers?): "
+                    "LoRA dropout draws differ from an uninterrupted run", info.uri, rank)
+    return progress

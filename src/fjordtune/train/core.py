@@ -30,12 +30,30 @@ from fjordtune.train.lora import apply_lora
 log = logging.getLogger(__name__)
 
 
+def _real_tokens(batch: dict[str, Any]) -> int:
+    if "lengths" in batch:
+        return int(sum(batch["lengths"]))
+    if "attention_mask" in batch:
+        return int(sum(map(sum, batch["attention_mask"])))
+    return sum(len(r) for r in batch["input_ids"])
+
+
 @dataclass
 class StepResult:
     loss: float  # mean over label tokens of all ranks
     num_tokens: int  # label tokens of all ranks
     grad_norm: float
     lr: float
+    num_input_tokens: int = 0  # real (non-padding) input tokens of all ranks
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak: allocated device memory on CUDA (what preflight predicts), else peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 class TrainerCore:
@@ -81,6 +99,10 @@ class TrainerCore:
         self.base_loaded = False
         self.optimizer: torch.optim.Optimizer | None = None
         self.step = 0
+        from fjordtune.train.schedule import Schedule
+
+        # `train_step` follows this; the training loop sets the run's real one (it needs the step count)
+        self.schedule = Schedule("constant", job.train.lr, job.train.min_lr, job.train.warmup_steps or 0, 1)
         if allocate:
             self.allocate()
             if load_base:
@@ -110,46 +132,61 @@ class TrainerCore:
         verify_materialized(self.model)
         self.base_loaded = True
 
-    def examples(self, rows: list[dict[str, Any]]) -> list[Example]:
-        """Tokenize chat rows (read once by the driver with `read_rows`) for this model."""
-        return [
-            tokenize_row(r, self.tokenizer, max_seq_len=self.job.data.max_seq_len, chat_template=self.job.data.chat_template)
-            for r in rows
-        ]
+    def examples(self, rows: list[dict[str, Any]], *, max_seq_len: int | None = -1) -> list[Example]:
+        """Tokenize chat rows (read once by the driver with `read_rows`) for this model, cut to
+        `data.max_seq_len` (default) or to `max_seq_len` (None: whole, for `fit_length` to count)."""
+        limit = self.job.data.max_seq_len if max_seq_len == -1 else max_seq_len
+        return [tokenize_row(r, self.tokenizer, max_seq_len=limit, chat_template=self.job.data.chat_template)
+                for r in rows]
 
     def lr_at(self, step: int) -> float:
-        warm = self.job.train.warmup_steps
-        return self.job.train.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
+        return self.schedule.lr_at(step)
 
-    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, *,
+    def _inputs(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Model inputs and labels of a collated micro-batch: packed rows carry position_ids and no attention
+        mask (transformers then builds a block-diagonal causal mask, or varlen for flash-attention)."""
+        keys = ("input_ids", "position_ids") if "position_ids" in batch else ("input_ids", "attention_mask")
+        inputs = {k: torch.tensor(batch[k], device=self.device) for k in keys}
+        return inputs, torch.tensor(batch["labels"], device=self.device)
+
+    def _loss_sum(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        logits = self.model(**inputs).logits.float()
+        shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
+        return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+
+    def _check_loaded(self) -> None:
+        if not self.base_loaded:
+            from fjordtune.errors import InternalError
+
+            raise InternalError("a step before load_base_weights: the base model is uninitialised memory")
+
+    def forward_backward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, *,
                          num_tokens_total: float) -> torch.Tensor:
         """Forward and backward of this rank's micro-batch; returns the summed token loss (not normalised).
 
         FSDP averages gradients over ranks; scaling by world / tokens of all ranks makes the result the
-        per-token mean over every rank's tokens, independent of how tokens are split between ranks."""
-        if not self.base_loaded:
-            from fjordtune.errors import InternalError
-
-            raise InternalError("train_step before load_base_weights: the base model is uninitialised memory")
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
-        loss_sum = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+        per-token mean over every rank's tokens, independent of how tokens are split between ranks and
+        between the micro-batches of an accumulated step."""
+        self._check_loaded()
+        loss_sum = self._loss_sum(inputs, labels)
         (loss_sum * self.world_size / num_tokens_total).backward()
         return loss_sum.detach()
 
-    def train_step(self, batch: dict[str, list[list[int]]] | Sequence[dict[str, list[list[int]]]]) -> StepResult:
-        """One optimizer step on this rank's micro-batch, or on several whose gradients accumulate; the loss
-        is normalised over the tokens of every micro-batch of every rank."""
+    def train_step(self, batch: dict[str, Any] | Sequence[dict[str, Any]]) -> StepResult:
+        """One optimizer step on this rank's micro-batch, or on several whose gradients accumulate
+        (`train.grad_accum_steps`); the loss is normalised over the label tokens of every micro-batch of
+        every rank, so k micro-batches give the step that one k-times larger batch would."""
         self.model.train()
         micro = [batch] if isinstance(batch, dict) else list(batch)
-        tensors = [tuple(torch.tensor(b[k], device=self.device) for k in ("input_ids", "labels", "attention_mask"))
-                   for b in micro]
-        n_local = sum(int((labels[:, 1:] != -100).sum().item()) for _, labels, _ in tensors)
-        n_total = torch.tensor([n_local], dtype=torch.float64, device=self.device)
+        prepared = [self._inputs(b) for b in micro]
+        n_local = sum(int((labels[:, 1:] != -100).sum().item()) for _, labels in prepared)
+        n_input = sum(_real_tokens(b) for b in micro)
+        counts = torch.tensor([n_local, n_input], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(n_total)  # gloo has no AVG: sum here, divide in forward_backward
-        loss_sum = sum(self.forward_backward(ids, labels, mask, num_tokens_total=n_total.item())
-                       for ids, labels, mask in tensors)
+            dist.all_reduce(counts)  # gloo has no AVG: sum here, divide in forward_backward
+        n_total = counts[0].item()
+        loss_sum = sum(self.forward_backward(inputs, labels, num_tokens_total=max(n_total, 1.0))
+                       for inputs, labels in prepared)
         grad_norm = self._clip()
         lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:
@@ -160,7 +197,41 @@ class TrainerCore:
         stats = torch.tensor([loss_sum.item()], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(stats)
-        return StepResult(stats.item() / max(n_total.item(), 1.0), int(n_total.item()), grad_norm, lr)
+        return StepResult(stats.item() / max(n_total, 1.0), int(n_total), grad_norm, lr, int(counts[1].item()))
+
+    @torch.no_grad()
+    def eval_loss(self, batches: Sequence[dict[str, Any]]) -> tuple[float, int]:
+        """Mean per-token loss over the label tokens of every rank's held-out batches (a collective: every
+        rank passes the same number of batches; `eval_batches` arranges that). Returns (loss, tokens)."""
+        self._check_loaded()
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for b in batches:
+            inputs, labels = self._inputs(b)
+            total[0] += self._loss_sum(inputs, labels).double()
+            total[1] += int((labels[:, 1:] != -100).sum().item())
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        self.model.train(was_training)
+        return total[0].item() / max(total[1].item(), 1.0), int(total[1].item())
+
+    def rng_state(self) -> dict[str, Any]:
+        """What this rank's randomness (LoRA dropout) needs to continue exactly after a resume."""
+        import random
+
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        import random
+
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -223,7 +294,8 @@ class TrainerCore:
             full = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
         if self.rank != 0:
             return False
-        self.model.save_pretrained(str(directory), state_dict=full)
+        # adapters only: peft would add the frozen base weights of a targeted lm_head / embedding ("auto")
+        self.model.save_pretrained(str(directory), state_dict=full, save_embedding_layers=False)
         self._verify_saved_adapter(Path(directory), expected=len(full))
         return True
 

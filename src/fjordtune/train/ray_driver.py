@@ -10,6 +10,7 @@ gathered and committed in peft format to `<storage.uri>/<name>/adapter/`.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -54,21 +55,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from fjordtune.data.sft import epoch_batches, steps_per_epoch
     from fjordtune.model.load import local_model_dir, local_tokenizer_dir
     from fjordtune.storage import Store, cache_root
     from fjordtune.telemetry.gpu import MetricsExporter, open_sampler
-    from fjordtune.train.checkpointing import find_resume_point, load_checkpoint, retrying, save_checkpoint
+    from fjordtune.train.checkpointing import find_resume_point, load_checkpoint, retrying
     from fjordtune.train.core import TrainerCore
+    from fjordtune.train.loop import Hooks, prepare_data, train_loop
 
     # Ray Train routes a worker's print through the root logger *and* the wrapped stdout (every line
     # twice): workers log instead
     logging.getLogger("fjordtune").setLevel(logging.INFO)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report: our step lines say more
     job = validate_raw(config["job"], source="<ray worker>")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     store = Store.for_job(job)
     device = ray.train.torch.get_device() if job.resources.use_gpu else torch.device("cpu")
+    if rank == 0:
+        log.info("worker group: %d ranks, rank 0 pid %d", world, os.getpid())
 
     # Config and tokenizer first: the model is built on the meta device and sharded before a single
     # weight is read, and a resumed run reads its checkpoint before it touches the base weights.
@@ -78,82 +82,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         core = TrainerCore(job, model_dir=meta_dir, device=device, load_base=False)
     if rank == 0:
         log.info("%s", core.coverage.table())
-    examples = core.examples(config["rows"])
-    per_epoch = steps_per_epoch(len(examples), batch_size=job.train.micro_batch_size, world_size=world)
-    total = per_epoch * job.train.epochs
-    if job.train.max_steps:
-        total = min(total, job.train.max_steps)
-
-    start_step = 0
-    resume = find_resume_point(store, job.run_uri)
-    if resume:
-        start_step = load_checkpoint(core, store, resume, cache_root=cache)
-        core.step = start_step
-        if rank == 0:
-            log.info("resumed from checkpoint step %d (%s, commit %s)", start_step, resume.uri, resume.pointer.commit)
-    last_committed = start_step
+    data = prepare_data(core, config["rows"], config["eval_rows"], world=world)
     if rank == 0:
-        config["progress"].set.remote(start_step)
-    if start_step < total:
+        for note in data.notes:
+            log.info("%s", note)
+
+    resume = None
+    found = find_resume_point(store, job.run_uri)
+    if found:
+        resume = load_checkpoint(core, store, found, cache_root=cache)
+        if rank == 0:
+            log.info("resumed from checkpoint step %d (%s, commit %s)", resume["step"], found.uri, found.pointer.commit)
+    if rank == 0:
+        config["progress"].set.remote(resume["step"] if resume else 0)
+    if (resume["step"] if resume else 0) < data.total_steps:
         # one download per node (a file lock in the node cache), then each rank reads only its slices
         core.load_base_weights(local_model_dir(config["model_uri"], store=store, cache_root=cache))
+        telemetry = None
+        if job.telemetry.ray_metrics:
+            sampler = open_sampler() if job.telemetry.nvml and job.resources.use_gpu else None
+            telemetry = MetricsExporter(rank=rank, run=job.name, sampler=sampler, interval_s=job.telemetry.interval_s)
+        hooks = Hooks(report=ray.train.report, committed=lambda step: config["progress"].set.remote(step),
+                      telemetry=telemetry)
+        train_loop(core, data, store=store, run_uri=job.run_uri, rank=rank, world=world, resume=resume, hooks=hooks,
+                   predicted_peak_bytes=config.get("predicted_peak_bytes"))
+        summary = telemetry.close() if telemetry else {}
+        if rank == 0 and summary:
+            log.info("telemetry: %s", summary)
     elif rank == 0:
-        log.info("the checkpoint is at step %d of %d: nothing left to train, base weights not read", start_step, total)
+        log.info("the checkpoint is at step %d of %d: nothing left to train, base weights not read",
+                 resume["step"], data.total_steps)
 
-    telemetry = None
-    if job.telemetry.ray_metrics:
-        sampler = open_sampler() if job.telemetry.nvml and job.resources.use_gpu else None
-        telemetry = MetricsExporter(rank=rank, run=job.name, sampler=sampler, interval_s=job.telemetry.interval_s)
-
-    every = job.train.checkpoint_every_steps or per_epoch
-    step, t0, tokens = start_step, time.perf_counter(), 0
-    for epoch in range(start_step // per_epoch, job.train.epochs):
-        batches = epoch_batches(
-            examples, batch_size=job.train.micro_batch_size, rank=rank, world_size=world,
-            epoch=epoch, seed=job.data.shuffle_seed, pad_id=core.tokenizer.pad_token_id,
-        )
-        for i, batch in enumerate(batches):
-            if epoch * per_epoch + i < start_step:
-                continue  # already done before the resume
-            if step >= total:
-                break
-            res = core.train_step(batch)
-            step, tokens = step + 1, tokens + res.num_tokens
-            tps = tokens / max(time.perf_counter() - t0, 1e-9)
-            if telemetry:
-                telemetry.set("train_loss", res.loss)
-                telemetry.set("train_step", step)
-                telemetry.set("train_tokens_per_s", tps)
-            metrics = {"step": step, "epoch": epoch, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
-                       "tokens_per_s": tps}
-            if rank == 0:
-                log.info("step %d/%d epoch %d loss %.4f grad_norm %.3f lr %.2e tok/s %.0f",
-                         step, total, epoch, res.loss, res.grad_norm, res.lr, tps)
-            if step % every == 0 or step == total:
-                save_checkpoint(core, store, job.run_uri, step=step, epoch=epoch, metrics=metrics,
-                                keep=job.train.num_checkpoints_to_keep, last_committed=last_committed)
-                last_committed = step
-                if rank == 0:
-                    config["progress"].set.remote(step)
-            ray.train.report(metrics)
-
-    summary = telemetry.close() if telemetry else {}
     with tempfile.TemporaryDirectory(prefix="fjordtune-adapter-") as tmp:
         if core.save_adapter(tmp):
             retrying(lambda: store.upload_dir(tmp, config["adapter_uri"]), what=f"adapter upload to {config['adapter_uri']}",
                      attempts=store.retries)
             log.info("adapter written to %s", config["adapter_uri"])
-    if rank == 0 and summary:
-        log.info("telemetry: %s", summary)
 
 
-def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
-    """Train `job` on the connected Ray cluster; resumes from the latest checkpoint of a previous run."""
+def run_training(job: JobSpec, *, model_uri: str, predicted_peak_bytes: int | None = None) -> TrainOutcome:
+    """Train `job` on the connected Ray cluster; resumes from the latest checkpoint of a previous run.
+    `predicted_peak_bytes`: preflight's per-worker estimate, logged next to the measured peaks."""
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from fjordtune.data.sft import read_rows
+    from fjordtune.data.sft import read_rows, split_eval
     from fjordtune.storage import Store, cache_root
     from fjordtune.storage import checkpoints as ckpts
 
@@ -161,13 +135,18 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
     # Read (and check) the data here, before any worker starts: bad rows fail fast and cost no GPU,
     # and workers need no access to the submitter's files.
     rows = read_rows(job.data.train_files, store=store)
+    eval_rows: list[dict[str, Any]] = []
+    if job.data.eval_files:
+        eval_rows = read_rows(job.data.eval_files, store=store, key="data.eval_files")
+    elif job.data.eval_fraction:
+        rows, eval_rows = split_eval(rows, fraction=job.data.eval_fraction, seed=job.data.shuffle_seed)
     adapter_uri = f"{job.run_uri}/adapter"
     res = job.resources
     progress = ray.remote(num_cpus=0)(LastCommitted).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": dump_job(job), "model_uri": model_uri, "adapter_uri": adapter_uri, "rows": rows,
-                           "progress": progress},
+                           "eval_rows": eval_rows, "progress": progress, "predicted_peak_bytes": predicted_peak_bytes},
         # ranks that wait for their node's one model download (238 GB) meet the others at the first
         # collective only after it: a longer timeout than the 30-minute default
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo", timeout_s=PROCESS_GROUP_TIMEOUT_S),
@@ -178,7 +157,9 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
             # Ray's own run state only (no checkpoints: those are fjordtune's, in job.run_uri), on local disk
             name=job.name,
             storage_path=str(Path(cache_root(job.storage.cache_dir)) / "ray-train"),
-            failure_config=FailureConfig(max_failures=1),
+            # a dead worker (OOM kill, lost node, SIGKILL) restarts the group, which resumes from the newest
+            # checkpoint committed in storage (never from what Ray last saw reported)
+            failure_config=FailureConfig(max_failures=job.train.max_failures),
         ),
     )
     try:
@@ -187,7 +168,7 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
         found = [f for f in map(find_fjordtune_error, e.worker_failures.values()) if f is not None]
         if found and not isinstance(found[0], InfraError):  # a user error on a worker stays a user error
             raise type(found[0])(*found[0].lines) from None
-        first, *rest = found[0].lines if found else (f"training failed on a worker: {e}",)
+        first, *rest = found[0].lines if found else (_failure_line(e, job.train.max_failures),)
         raise InfraError(_with_resume_point(first, progress, job.run_uri), *rest) from None
     except ray.train.ControllerError as e:
         raise InfraError(f"training failed: {e}") from None
@@ -197,6 +178,18 @@ def run_training(job: JobSpec, *, model_uri: str) -> TrainOutcome:
         raise InfraError(f"training finished but no checkpoint is committed under {ckpts.checkpoints_uri(job.run_uri)}")
     meta = dict(last.pointer.meta)
     return TrainOutcome(adapter_uri, meta.get("loss"), int(meta.get("step", last.step)), meta)
+
+
+def _failure_line(e: Any, max_failures: int) -> str:
+    """One line for a worker group that kept failing (a Ray dump is 20 lines): what each rank died of."""
+    parts = []
+    for rank, err in sorted(getattr(e, "worker_failures", {}).items()):
+        text = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")
+        parts.append(f"rank {rank}: {type(err).__name__}" + (f": {text[:160]}" if text else ""))
+    what = "; ".join(parts[:2]) + (f"; and {len(parts) - 2} more" if len(parts) > 2 else "") if parts else \
+        next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return (f"training failed on a worker and was restarted {max_failures} time(s) (train.max_failures) "
+            f"before giving up: {what}")
 
 
 def _with_resume_point(line: str, progress: Any, run_uri: str) -> str:

@@ -88,17 +88,27 @@ def preflight(job: JobSpec) -> Any:
     return report
 
 
-def train(job: JobSpec) -> dict[str, Any]:
+def train(job: JobSpec, *, predicted_peak_bytes: int | None = None) -> dict[str, Any]:
+    """Train on the connected Ray cluster. `predicted_peak_bytes`: preflight's per-worker estimate, logged by
+    the workers next to the peaks they measure (so that the estimate can be checked and calibrated)."""
     from fjordtune.train.ray_driver import run_training
 
     store = Store.for_job(job)
     model_uri = stage_model(job, store)
     connect_ray(job)
     say(f"== train: {job.resources.num_workers} workers, FSDP2, checkpoints in {job.run_uri}/checkpoints")
-    outcome = run_training(job, model_uri=model_uri)
-    say(f"== train done: {outcome.num_steps} steps, final loss {outcome.final_loss}, adapter {outcome.adapter_uri}")
-    return {"model_uri": model_uri, "adapter_uri": outcome.adapter_uri, "num_steps": outcome.num_steps,
+    outcome = run_training(job, model_uri=model_uri, predicted_peak_bytes=predicted_peak_bytes)
+    meta = outcome.metrics
+    held = ""
+    if "eval_loss" in meta:
+        held = f", held-out loss {meta.get('base_eval_loss', float('nan')):.4f} (base) -> {meta['eval_loss']:.4f}"
+    say(f"== train done: {outcome.num_steps} steps, final loss {outcome.final_loss}{held}, adapter {outcome.adapter_uri}")
+    info = {"model_uri": model_uri, "adapter_uri": outcome.adapter_uri, "num_steps": outcome.num_steps,
             "final_loss": outcome.final_loss}
+    for key in ("base_eval_loss", "eval_loss", "peak_memory_bytes", "predicted_peak_bytes"):
+        if key in meta:
+            info[key] = meta[key]
+    return info
 
 
 def evaluate(job: JobSpec, *, output_dir: str | Path, adapter_uri: str | None = None,
@@ -134,8 +144,8 @@ def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
     out = Path(output_dir)
     say(f"== fjordtune run {job.name}: storage {job.run_uri}, local output {out.resolve()}")
     Store.for_job(job).check_bucket(job.storage.uri)  # seconds, before the estimate and any GPU
-    preflight(job)
-    info = train(job)
+    estimate = preflight(job)
+    info = train(job, predicted_peak_bytes=estimate.estimate.total_bytes)
     base = tuned = None
     if "base" in job.eval.models:
         base = evaluate(job, output_dir=out / "base", label="base")
@@ -145,6 +155,9 @@ def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
     say("")
     say(paths["table"])
     say("")
+    if paths.get("held_out"):
+        say(paths["held_out"])
+        say("")
     say(f"report: {paths['markdown'].resolve()}")
     say(f"chart:  {paths['png'].resolve()}")
     say(f"stored: {job.run_uri}/report/ (adapter: {info['adapter_uri']})")

@@ -75,6 +75,20 @@ def markdown_table(base: dict[str, Any] | None, tuned: dict[str, Any] | None) ->
     return "\n".join(lines)
 
 
+def held_out_table(train: dict[str, Any] | None) -> str | None:
+    """Base and tuned loss on the held-out rows (mean per assistant token; lower is better), or None when
+    the run had no held-out data."""
+    if not train or train.get("eval_loss") is None:
+        return None
+    base, tuned = train.get("base_eval_loss"), train["eval_loss"]
+    change = f"{tuned - base:+.4f} ({(tuned - base) / base:+.1%})" if base else "-"
+    return "\n".join([
+        "| held-out loss | base | tuned | change |",
+        "|---|---:|---:|---:|",
+        f"| per assistant token | {'-' if base is None else f'{base:.4f}'} | {tuned:.4f} | {change} |",
+    ])
+
+
 def plot(base: dict[str, Any] | None, tuned: dict[str, Any] | None, path: str | Path) -> Path:
     """Grouped bars of best-of-prompts scores per task and language, chance marked per group."""
     import matplotlib
@@ -123,13 +137,17 @@ def write_report(*, output_dir: str | Path, base: dict[str, Any] | None, tuned: 
     warnings = [w for r in (base, tuned) if r for w in r.get("warnings", [])]
     if warnings:
         parts += ["## Sanity warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    held = held_out_table(train)
+    if held:
+        parts += ["## Held-out loss", "", "Loss on rows training never saw (data.eval_files / eval_fraction), "
+                  "before the first step (base) and after the last (tuned); lower is better.", "", held, ""]
     if train:
         parts += ["## Training", ""] + [f"- {k}: {v}" for k, v in train.items()] + [""]
     md = out / "report.md"
     md.write_text("\n".join(parts))
     combined = out / "summary.json"
     combined.write_text(json.dumps({"base": base, "tuned": tuned, "train": train}, indent=2, ensure_ascii=False) + "\n")
-    return {"markdown": md, "png": png, "summary": combined, "table": table}
+    return {"markdown": md, "png": png, "summary": combined, "table": table, "held_out": held}
 
 
 def _pct(x: float | None) -> str:

@@ -33,7 +33,9 @@ def load_adapter_verified(model: Any, adapter_dir: str | Path) -> Any:
     if not weights.exists():
         raise UserError(f"{adapter_dir}: no adapter_model.safetensors (not a peft adapter folder?)")
     saved = load_file(str(weights))
-    loaded = get_peft_model_state_dict(peft_model)
+    # adapter tensors only: with lm_head or embeddings among the targets peft would also count their frozen
+    # base weights ("auto"), which fjordtune never saves (a 131k-vocab lm_head is 1 GiB)
+    loaded = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     missing = sorted(set(loaded) - set(saved))
     unexpected = sorted(set(saved) - set(loaded))
     differ = [k for k in set(saved) & set(loaded) if not torch.equal(saved[k].to(loaded[k].dtype), loaded[k].cpu())]

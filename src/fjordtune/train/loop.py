@@ -74,13 +74,15 @@ def prepare_data(core: Any, rows: list[dict[str, Any]], eval_rows: list[dict[str
     items, efficiency = examples, None
     if d.packing:
         items = pack(examples, max_seq_len=d.max_seq_len)
-        packed = token_efficiency(items, batch_size=t.micro_batch_size, world_size=world, seed=d.shuffle_seed,
-                                  accum=t.grad_accum_steps)
-        padded = token_efficiency(examples, batch_size=t.micro_batch_size, world_size=world, seed=d.shuffle_seed,
-                                  accum=t.grad_accum_steps)
+        kw = dict(batch_size=t.micro_batch_size, world_size=world, seed=d.shuffle_seed, accum=t.grad_accum_steps)
+        packed, padded = token_efficiency(items, **kw), token_efficiency(examples, **kw)
         efficiency = (_ratio(packed), _ratio(padded))
-        notes.append(f"packing: {len(examples)} rows -> {len(items)} sequences of up to {d.max_seq_len} tokens; "
-                     f"real tokens {efficiency[0]:.0%} of those computed (padding alone: {efficiency[1]:.0%})")
+        per_step = t.micro_batch_size * world * t.grad_accum_steps
+        fill = sum(len(p.input_ids) for p in items) / (len(items) * d.max_seq_len)
+        notes.append(f"packing: {len(examples)} rows -> {len(items)} sequences of up to {d.max_seq_len} tokens, "
+                     f"{fill:.0%} full; {packed[0] / max(1, len(items) // per_step):.0f} real tokens per step "
+                     f"(unpacked: {padded[0] / max(1, len(examples) // per_step):.0f}); real tokens "
+                     f"{efficiency[0]:.0%} of those computed (unpacked: {efficiency[1]:.0%})")
     per_epoch = steps_per_epoch(len(items), batch_size=t.micro_batch_size, world_size=world, accum=t.grad_accum_steps)
     total = t.max_steps or per_epoch * t.epochs
     held_out: list[Example] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
 RNG_FILE = "rng-rank{rank:05d}.pt"
+STAGING_PREFIX = "fjordtune-ckpt-"
 BACKOFF_S = 2.0
 MAX_BACKOFF_S = 60.0
 T = TypeVar("T")
@@ -101,8 +103,13 @@ class CheckpointWriter:
 
     def __init__(self, store: Store, run_uri: str, *, keep: int, last_committed: int | None = 0,
                  on_commit: Callable[[int, dict[str, Any]], None] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, staging_dir: str | Path | None = None) -> None:
         self.store, self.run_uri, self.keep = store, run_uri, keep
+        # where shards wait for their upload: the node's scratch volume (the cache root), not /tmp, which
+        # a pod may keep in memory or on a small overlay (a 119B checkpoint is ~3.7 GB per rank)
+        self.staging_dir = staging_dir
+        if staging_dir is not None:
+            _remove_orphans(Path(staging_dir))
         self.last_committed = last_committed
         self.on_commit = on_commit
         self.sleep = sleep
@@ -114,7 +121,9 @@ class CheckpointWriter:
         self.wait()
         uri = ckpts.step_uri(self.run_uri, step)
         meta = {"step": step, "epoch": epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-        tmp = tempfile.mkdtemp(prefix="fjordtune-ckpt-")
+        if self.staging_dir is not None:
+            Path(self.staging_dir).mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.staging_dir)
         t0 = time.perf_counter()
         try:
             core.save_resumable(tmp)
@@ -230,6 +239,24 @@ class _Pending:
     upload_s: float = 0.0
     committed_bytes: int = 0
     steps_overlapped: int = 0
+
+
+def _remove_orphans(staging: Path) -> None:
+    """Delete staged shards whose process is gone (a worker killed mid-upload leaves ~3.7 GB at 119B);
+    the folders of live processes, e.g. the node's other ranks, are left alone."""
+    if not staging.is_dir():
+        return
+    for folder in staging.glob(f"{STAGING_PREFIX}*"):
+        try:
+            pid = int(folder.name[len(STAGING_PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by process %d that is gone", folder, pid)
+        except PermissionError:
+            continue  # alive, another user's
 
 
 def _all_ranks(flag: bool) -> bool:

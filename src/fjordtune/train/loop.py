@@ -107,9 +107,11 @@ def _ratio(pair: tuple[int, int]) -> float:
 
 def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: int, world: int,
                resume: dict[str, Any] | None = None, hooks: Hooks | None = None,
-               predicted_peak_bytes: int | None = None, pad_id: int | None = None) -> dict[str, Any]:
+               predicted_peak_bytes: int | None = None, pad_id: int | None = None,
+               staging_dir: str | None = None) -> dict[str, Any]:
     """Train from `resume` (the progress record of the checkpoint already loaded into `core`, or None) to
-    the last step; returns the last step's metrics. The base weights must already be loaded."""
+    the last step; returns the last step's metrics. The base weights must already be loaded. Checkpoint
+    shards wait for their upload in `staging_dir` (default: the system's temporary folder)."""
     from fjordtune.train.checkpointing import CheckpointWriter
     from fjordtune.train.core import peak_memory_bytes
 
@@ -145,7 +147,8 @@ def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: in
         base_eval = held_out_loss()  # LoRA B starts at zero: this is the base model's loss
 
     writer = CheckpointWriter(store, run_uri, keep=t.num_checkpoints_to_keep, last_committed=start,
-                              on_commit=(lambda step, meta: hooks.committed(step)) if rank == 0 else None)
+                              on_commit=(lambda step, meta: hooks.committed(step)) if rank == 0 else None,
+                              staging_dir=staging_dir)
     every_ckpt = t.checkpoint_every_steps or data.per_epoch
     every_eval = t.eval_every_steps or data.per_epoch
     step, metrics = start, {}

@@ -105,7 +105,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         hooks = Hooks(report=ray.train.report, committed=lambda step: config["progress"].set.remote(step),
                       telemetry=telemetry)
         train_loop(core, data, store=store, run_uri=job.run_uri, rank=rank, world=world, resume=resume, hooks=hooks,
-                   predicted_peak_bytes=config.get("predicted_peak_bytes"))
+                   predicted_peak_bytes=config.get("predicted_peak_bytes"),
+                   staging_dir=str(Path(cache) / "checkpoint-staging"))
         summary = telemetry.close() if telemetry else {}
         if rank == 0 and summary:
             log.info("telemetry: %s", summary)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -143,15 +144,18 @@ def run_ranks(model_dir: str | Path, *, world: int, mode: str = "sharded", dtype
             sampler.add(p.pid)
         for p in procs:
             p.join()
-    if any(p.exitcode for p in procs):
-        raise RuntimeError(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
-    results = []
-    for r in range(world):
-        info = json.loads(Path(out, f"rank{r}.json").read_text())
-        start = sampler.at(info["pid"], info["setup_start"])
-        peak = sampler.peak(info["pid"], info["setup_start"], info["setup_end"])
-        results.append({**info, "rank": r, "start": start, "peak": peak, "rise": peak - start})
-    return results
+    try:
+        if any(p.exitcode for p in procs):
+            raise RuntimeError(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+        results = []
+        for r in range(world):
+            info = json.loads(Path(out, f"rank{r}.json").read_text())
+            start = sampler.at(info["pid"], info["setup_start"])
+            peak = sampler.peak(info["pid"], info["setup_start"], info["setup_end"])
+            results.append({**info, "rank": r, "start": start, "peak": peak, "rise": peak - start})
+        return results
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import copy
 import json
 import logging
 import os
@@ -535,6 +536,13 @@ class Store:
         s = job.storage
         return cls(endpoint_url=s.endpoint_url, timeout_s=s.timeout_s, retries=s.retries, part_size_mib=s.part_size_mib,
                    max_concurrency=s.max_concurrency)
+
+    def with_max_concurrency(self, n: int) -> Store:
+        """This store (same client and settings) moving at most `n` parts at once: for background uploads,
+        which should take bandwidth and CPU from training gently."""
+        other = copy.copy(self)
+        other.max_concurrency = n
+        return other
 
     def settings(self) -> dict[str, Any]:
         """Plain, secret-free settings to rebuild this store in another process: `Store(**settings)`."""

@@ -96,6 +96,10 @@ class TrainerCore:
                 param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
                 activation_checkpointing=job.train.activation_checkpointing,
             )
+        elif job.train.activation_checkpointing:  # one process, no FSDP: the same recompute as the ranks
+            from fjordtune.train.fsdp import decoder_layer_classes, enable_activation_checkpointing
+
+            enable_activation_checkpointing(self.model, decoder_layer_classes(self.model))
         self.base_loaded = False
         self.optimizer: torch.optim.Optimizer | None = None
         self.step = 0

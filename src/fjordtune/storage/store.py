@@ -21,9 +21,9 @@ and are retried with backoff (`storage.retries`), each retry logged.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fnmatch
-import copy
 import json
 import logging
 import os

@@ -248,9 +248,10 @@ def test_frozen_server_during_training_is_reported_within_the_bound_and_exits_3(
       - the step-2 checkpoint: A commit attempts, each failing at its first request (the bucket check:
         A*r), with `checkpointing.backoff_s` between them (2^k * U(0.5, 1) s: at most 2^A - 2 s). The
         error names the resume point from what the run committed, without asking storage again;
-      - Ray Train's FailureConfig(max_failures=1) restarts the worker group once; the new workers fail at
-        their first request (the base model's pointer: r), and the driver reports the last failure with
-        the step the first workers committed (a small actor the driver owns keeps it).
+      - Ray Train restarts the worker group once (`train.max_failures=1` here; each further restart the
+        default 3 allows adds r and one more worker-group start); the new workers fail at their first
+        request (the base model's pointer: r), and the driver reports the last failure with the step the
+        first workers committed (a small actor the driver owns keeps it).
     Storage waits: S = (A + 2) * r + 2^A - 2 = 30 s. On top come one training step, Ray's restart of
     the worker group (process start, imports, process group) and Ray's shutdown. The run's own start
     (imports, staging, Ray start, worker start, base-model load, step 1 and its commit: t_first, measured
@@ -268,7 +269,8 @@ def test_frozen_server_during_training_is_reported_within_the_bound_and_exits_3(
         argv = [sys.executable, "-m", "fjordtune", "train", "jobs/demo.yaml", "--skip-preflight",
                 "--set", "name=frozen", "--set", "storage.uri=s3://fjt-frozen/runs",
                 "--set", f"storage.timeout_s={TIMEOUT_S}", "--set", f"storage.retries={RETRIES}",
-                "--set", "train.checkpoint_every_steps=1", "--set", "train.max_steps=8"]
+                "--set", "train.checkpoint_every_steps=1", "--set", "train.max_steps=8",
+                "--set", "train.max_failures=1"]
         env = cli_env(**server.env, FJORDTUNE_CACHE=str(tmp_path / "cache"))
         launched = time.monotonic()
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -83,7 +83,8 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def _gather(value: Any) -> list[Any]:
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (a collective; `[value]` without a process group)."""
     dist = _dist()
     if dist is None:
         return [value]
@@ -203,7 +204,7 @@ class CheckpointWriter:
                     p.commit = _broadcast(new_commit_id() if self.rank == 0 else None)
                     p.error, p.entries = None, {}
                     self._upload(p)
-                parts = _gather((p.entries, p.error))
+                parts = gather_objects((p.entries, p.error))
                 error = next((err for _, err in parts if err), None)
                 if error is None and self.rank == 0:
                     merged: dict[str, FileEntry] = {}

@@ -112,7 +112,7 @@ def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: in
     """Train from `resume` (the progress record of the checkpoint already loaded into `core`, or None) to
     the last step; returns the last step's metrics. The base weights must already be loaded. Checkpoint
     shards wait for their upload in `staging_dir` (default: the system's temporary folder)."""
-    from fjordtune.train.checkpointing import CheckpointWriter
+    from fjordtune.train.checkpointing import CheckpointWriter, gather_objects
     from fjordtune.train.core import peak_memory_bytes
 
     hooks = hooks or Hooks()
@@ -172,7 +172,7 @@ def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: in
             writer.poll()
             # one small collective per step: every rank's peak memory, and whether any rank's last report
             # to Ray is REPORT_EVERY_S old (so that all ranks report at the same steps)
-            gathered = _gather((peak_memory_bytes(core.device), time.monotonic() - last_report >= hooks.report_every_s))
+            gathered = gather_objects((peak_memory_bytes(core.device), time.monotonic() - last_report >= hooks.report_every_s))
             peaks = [int(p) for p, _ in gathered]
             report_due = any(due for _, due in gathered)
             metrics = {
@@ -217,16 +217,6 @@ def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: in
                  f" against preflight's {_gib(predicted_peak_bytes)} per worker "
                  f"(measured/predicted {max(peaks) / predicted_peak_bytes:.2f})" if predicted_peak_bytes and peaks else "")
     return metrics
-
-
-def _gather(value: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 def _gib(n: int | None) -> str:

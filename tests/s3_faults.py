@@ -88,11 +88,32 @@ class FaultyS3:
         while True:
             try:
                 self.launch(timeout=max(5.0, deadline - time.monotonic()))
-                return
+                break
             except RuntimeError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
+        self._wait_readable(deadline)
+
+    def _wait_readable(self, deadline: float) -> None:
+        """Answering ListBuckets is not yet serving data: right after a restart SeaweedFS answered reads of
+        existing objects with InternalError for a moment (its volume not yet registered). Wait until the
+        first stored object of the first bucket reads back."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        server = S3Server(self.proc.pid, self.endpoint_url, self.access_key, self.secret_key, str(self.data_dir))
+        client = server.client(timeout_s=2, attempts=1)
+        while True:
+            try:
+                buckets = [b["Name"] for b in client.list_buckets().get("Buckets", [])]
+                keys = client.list_objects_v2(Bucket=buckets[0], MaxKeys=1).get("Contents", []) if buckets else []
+                if keys:
+                    client.get_object(Bucket=buckets[0], Key=keys[0]["Key"])["Body"].read()
+                return
+            except (BotoCoreError, ClientError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

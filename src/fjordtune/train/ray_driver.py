@@ -92,9 +92,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resume = load_checkpoint(core, store, found, cache_root=cache)
         if rank == 0:
             log.info("resumed from checkpoint step %d (%s, commit %s)", resume["step"], found.uri, found.pointer.commit)
+    start = resume["step"] if resume else 0
     if rank == 0:
-        config["progress"].set.remote(resume["step"] if resume else 0)
-    if (resume["step"] if resume else 0) < data.total_steps:
+        config["progress"].set.remote(start)
+    if start < data.total_steps:
         # one download per node (a file lock in the node cache), then each rank reads only its slices
         core.load_base_weights(local_model_dir(config["model_uri"], store=store, cache_root=cache))
         telemetry = None
@@ -111,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("telemetry: %s", summary)
     elif rank == 0:
         log.info("the checkpoint is at step %d of %d: nothing left to train, base weights not read",
-                 resume["step"], data.total_steps)
+                 start, data.total_steps)
 
     with tempfile.TemporaryDirectory(prefix="fjordtune-adapter-") as tmp:
         if core.save_adapter(tmp):

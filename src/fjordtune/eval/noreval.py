@@ -13,11 +13,20 @@ registered task. Only a dict inside a group's `task:` list is merged (shallowly)
 config. So `build_task_dict` loads one throwaway group whose members are the override dicts from
 `local_task_config`, then returns the leaf tasks without the group.
 
+Few-shot examples drawn from the scored split itself (NorCommonsenseQA: its only split is the test
+set) must not include the question being asked. lm-eval's sampler drops the scored document from its
+shots only when `fewshot_cfg.split == config.test_split` (`ConfigurableTask.fewshot_context`), and
+`fewshot_cfg` is built from `fewshot_split` when the task's config is constructed
+(`TaskConfig.__post_init__`), as is the sampler's pool (`ConfigurableTask.__init__`): so the override
+has to be in the config the task is built from (`scored_split_fewshot`), never set afterwards.
+
 Bundled hand-written samples in this layout live at `SAMPLE_DATA_DIR`.
 """
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import logging
 import math
 import os
@@ -61,15 +70,16 @@ class NorEvalFamily:
 
     @property
     def fewshot_from_scored_split(self) -> bool:
-        """True when few-shot examples are drawn from the scored split itself, question included."""
+        """True when few-shot examples are drawn from the scored split itself (fjordtune then sets
+        lm-eval's `fewshot_split` to it, so that lm-eval leaves the scored question out of its shots)."""
         return self.fewshot_split == self.scored_split
 
 
 FAMILIES: Mapping[str, NorEvalFamily] = {
     f.name: f
     for f in (
-        # Its only split, `train`, is the test set; few-shot examples are sampled from it without
-        # excluding the question being asked.
+        # Its only split, `train`, is the test set; few-shot examples are sampled from it (lm-eval's
+        # registered config leaves the question being asked among them: `scored_split_fewshot` fixes it).
         NorEvalFamily(
             name="norcommonsenseqa",
             dataset_id="ltg/norcommonsenseqa",
@@ -115,6 +125,9 @@ SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "samples" / "noreval"
 
 DEFAULT_FEWSHOT_SEED = 1234
 """Seed of the few-shot sampler; lm-eval's `simple_evaluate` uses the same default."""
+
+FewshotSpec = int | Mapping[str, int] | None
+"""`eval.num_fewshot`: one count, None (each task's default) or {shell-style task pattern: count}."""
 
 _TASK_RE = re.compile(r"^(?P<family>[a-z_]+)_(?P<lang>nob|nno)_p(?P<prompt>\d+)$")
 _WRAPPER_GROUP = "fjordtune_local_noreval"
@@ -184,11 +197,24 @@ def split_files(task_name: str, data_dir: str | os.PathLike[str]) -> dict[str, P
     return {split: folder / f"{split}.jsonl" for split in ref.family.splits}
 
 
+def scored_split_fewshot(task_name: str) -> dict[str, Any]:
+    """lm-eval config overrides that keep a scored question out of its own few-shot examples.
+
+    `{"fewshot_split": <scored split>}` for families whose shots come from the scored split
+    (norcommonsenseqa), which turns on lm-eval's own exclusion; `{}` for the others (noropenbookqa
+    takes its shots from `training_split` and is left alone). Only effective in the config a task is
+    built from (see the module docstring).
+    """
+    family = parse_task_name(task_name).family
+    return {"fewshot_split": family.scored_split} if family.fewshot_from_scored_split else {}
+
+
 def local_task_config(task_name: str, data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """lm-eval overrides that make the registered task `task_name` read local JSON-lines files.
 
     The dict names the registered task (`task`) and replaces its dataset source:
-    `dataset_path: json`, no `dataset_name`, `dataset_kwargs: {data_files: {<split>: <path>}}`.
+    `dataset_path: json`, no `dataset_name`, `dataset_kwargs: {data_files: {<split>: <path>}}`,
+    plus `scored_split_fewshot(task_name)`.
     lm-eval 0.4.13 merges it over the registered config only as a member of a group's task list
     (see the module docstring); `build_task_dict` does that.
 
@@ -208,6 +234,7 @@ def local_task_config(task_name: str, data_dir: str | os.PathLike[str]) -> dict[
         "dataset_path": "json",
         "dataset_name": None,
         "dataset_kwargs": {"data_files": {split: str(path.resolve()) for split, path in files.items()}},
+        **scored_split_fewshot(task_name),
     }
 
 
@@ -234,20 +261,22 @@ def build_task_dict(
     task_names: Iterable[str],
     data_dir: str | os.PathLike[str],
     *,
-    num_fewshot: int | None = None,
+    num_fewshot: FewshotSpec = None,
     task_manager: TaskManager | None = None,
     fewshot_seed: int | None = DEFAULT_FEWSHOT_SEED,
 ) -> TaskDict:
     """Build NorEval tasks that read local files, in the shape `lm_eval.evaluator.evaluate(task_dict=...)` takes.
 
     Returns `{"tasks": {name: Task}, "groups": {}, "group_map": {}}` in the order given.
-    `num_fewshot` is applied like `simple_evaluate` does: tasks whose YAML fixes 0-shot
-    (nortruthfulqa_mc, nrk_quiz_qa) keep 0 and a warning says so; None keeps each task's default (0).
-    Pass a `task_manager` to reuse one: building a TaskManager takes 7-18 s.
+    `num_fewshot` (a count, None, or a pattern mapping: `fewshot_counts`) is applied like
+    `simple_evaluate` does: tasks whose YAML fixes 0-shot (nortruthfulqa_mc, nrk_quiz_qa) keep 0 and a
+    warning says so; None keeps each task's default (0). Pass a `task_manager` to reuse one: building
+    a TaskManager takes 7-18 s.
     """
     names = list(dict.fromkeys(task_names))
     if not names:
         raise UserError("no NorEval tasks to build")
+    fewshot_counts(names, num_fewshot)  # a pattern that matches nothing fails before any loading
     overrides = [local_task_config(name, data_dir) for name in names]  # all file errors before any loading
     if task_manager is None:
         from lm_eval.tasks import TaskManager
@@ -263,32 +292,119 @@ def build_task_dict(
     return {"tasks": tasks, "groups": {}, "group_map": {}}
 
 
-def apply_fewshot(tasks: dict[str, Task], num_fewshot: int | None, *, seed: int | None = DEFAULT_FEWSHOT_SEED) -> None:
-    """Set few-shot counts the way `simple_evaluate` does, keeping NorEval's fixed 0-shot tasks at 0,
-    and seed the few-shot sampler so the examples are the same on every run."""
+def load_registered(task_names: Iterable[str], task_manager: TaskManager) -> TaskDict:
+    """`task_manager.load(task_names)` (registered tasks, groups, tags, from the hub), except that NorEval
+    tasks whose shots come from the scored split, named directly or through a tag, are built with
+    `scored_split_fewshot`: the same tasks, in the same order, with the scored question left out of
+    its own shots."""
+    from lm_eval.tasks._index import Kind
+
+    specs: list[Any] = []
+    fixed: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(task_names):
+        entry = task_manager.task_index.get(name)
+        # lm-eval builds a tag as its member tasks, sorted by name, with no group around them
+        members = sorted(entry.tags) if entry is not None and entry.kind == Kind.TAG else [name]
+        for member in members:
+            specs.append(member)
+            if _family_of(member) is not None and (override := scored_split_fewshot(member)):
+                fixed[member] = {"task": member, **override}
+    if fixed:
+        built = task_manager.load({"group": _WRAPPER_GROUP, "task": list(fixed.values())})["tasks"]
+        specs = [built[s] if isinstance(s, str) and s in fixed else s for s in specs]
+    return task_manager.load(specs)
+
+
+def _family_of(task_name: str) -> NorEvalFamily | None:
+    """The NorEval family of a `<family>_<lang>_p<k>` task; None for any other name."""
+    try:
+        return parse_task_name(task_name).family
+    except UserError:
+        return None
+
+
+def fewshot_counts(task_names: Iterable[str], num_fewshot: FewshotSpec) -> dict[str, int | None]:
+    """The few-shot count asked for each task; None = the task's own default.
+
+    A mapping gives each task the count of the first pattern (in mapping order) that matches its
+    name; unmatched tasks get None. A pattern that matches none of `task_names` is a `UserError`
+    naming `eval.num_fewshot.<pattern>` and the closest task names. Whether a task may have shots at
+    all is `apply_fewshot`'s business.
+    """
+    names = list(task_names)
+    if num_fewshot is None or isinstance(num_fewshot, int):
+        return dict.fromkeys(names, num_fewshot)
+    unused = [p for p in num_fewshot if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if unused:
+        lines = []
+        for pattern in unused:
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            lines.append(f"eval.num_fewshot.{pattern}: matches none of the job's {len(names)} tasks"
+                         + (f" (closest: {', '.join(close)})" if close else ""))
+        raise UserError(*lines)
+    return {name: next((n for p, n in num_fewshot.items() if fnmatch.fnmatchcase(name, p)), None) for name in names}
+
+
+def apply_fewshot(tasks: dict[str, Task], num_fewshot: FewshotSpec, *, seed: int | None = DEFAULT_FEWSHOT_SEED) -> None:
+    """Set few-shot counts the way `simple_evaluate` does, and seed the few-shot sampler so the examples
+    are the same on every run.
+
+    `num_fewshot` as in `fewshot_counts`. A task whose config fixes 0-shot (NorEval's nortruthfulqa_mc
+    and nrk_quiz_qa) stays at 0, as `simple_evaluate` keeps it: one warning line lists those that were
+    asked for shots. A task left at its default with no default gets 0.
+    """
+    counts = fewshot_counts(tasks, num_fewshot)
+    kept_at_zero = []
     for name, task in tasks.items():
         task.set_fewshot_seed(seed=seed)
-        try:
-            family = parse_task_name(name).family
-        except UserError:  # not a NorEval task: apply the count as given
-            if num_fewshot is not None:
-                task.set_config(key="num_fewshot", value=num_fewshot)
-            continue
-        if num_fewshot is None:
-            if task.get_config("num_fewshot") is None:
+        count, default = counts[name], task.get_config("num_fewshot")
+        if count is None:
+            if default is None:
                 task.set_config(key="num_fewshot", value=0)
-        elif task.get_config("num_fewshot") == 0 and family.fewshot_split is None:
-            if num_fewshot > 0:
-                log.warning("%s: NorEval fixes this task to 0-shot; ignoring num_fewshot=%d", name, num_fewshot)
+        elif default == 0:
+            if count > 0:
+                kept_at_zero.append(name)
         else:
-            task.set_config(key="num_fewshot", value=num_fewshot)
-            if num_fewshot > 0 and family.fewshot_from_scored_split:
-                log.warning(
-                    "%s: few-shot examples come from the scored split %r itself and may include the question "
-                    "being asked (lm-eval does not exclude it)",
-                    name,
-                    family.scored_split,
-                )
+            task.set_config(key="num_fewshot", value=count)
+        if task.get_config("num_fewshot") and _leaks_scored_doc(name, task):
+            log.warning("%s: few-shot examples come from the scored split and may include the question being "
+                        "asked: the task was not built with fewshot_split set (load it by task name)", name)
+    if kept_at_zero:
+        log.warning("0-shot kept for %d task(s) whose config fixes num_fewshot: 0, as lm-eval does: %s",
+                    len(kept_at_zero), compact_names(kept_at_zero))
+
+
+def _leaks_scored_doc(name: str, task: Task) -> bool:
+    """A NorEval task whose shots come from the scored split, built without lm-eval's exclusion."""
+    family = _family_of(name)
+    return family is not None and family.fewshot_from_scored_split and not excludes_scored_doc(task)
+
+
+def excludes_scored_doc(task: Task) -> bool:
+    """Whether lm-eval leaves the scored document out of its own shots: its condition, verbatim
+    (`ConfigurableTask.fewshot_context`: the few-shot split equals the test split)."""
+    return task.fewshot_cfg.split == task.config.test_split
+
+
+def fewshot_source(task: Task) -> str | None:
+    """The split lm-eval's sampler draws shots from: `fewshot_split`, else (`Task.fewshot_docs`) the
+    training, validation or test split, in that order; `"config samples"` for examples listed in the config."""
+    if task.fewshot_cfg.split is not None:
+        return task.fewshot_cfg.split
+    if task.config.fewshot_config is not None and task.fewshot_cfg.samples is not None:
+        return "config samples"
+    return task.config.training_split or task.config.validation_split or task.config.test_split
+
+
+def compact_names(names: Iterable[str]) -> str:
+    """`nrk_quiz_qa_nob_p0, nrk_quiz_qa_nob_p1, other` -> `nrk_quiz_qa_nob_p{0,1}, other`."""
+    folded: dict[str, list[int]] = {}  # "<family>_<lang>" -> prompts, or any other name -> []
+    for name in names:
+        m = _TASK_RE.match(name)
+        folded.setdefault(f"{m['family']}_{m['lang']}" if m else name, []).extend([int(m["prompt"])] if m else [])
+    return ", ".join(key if not prompts else f"{key}_p{prompts[0]}" if len(prompts) == 1
+                     else f"{key}_p{{{','.join(map(str, prompts))}}}" for key, prompts in folded.items())
+
 
 def chance_level(task: Task, *, limit: int | None = None) -> float:
     """Expected accuracy of guessing uniformly at random: the mean of 1/num_choices over the task's docs.

@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="URI", help="LoRA adapter folder (local or s3://) to evaluate on top of the base")
     p.add_argument("--label", help="name of the evaluated model in results.json (default base/tuned)")
 
-    p = sub.add_parser("report", help="base-vs-tuned Markdown table and PNG chart from results.json files",
+    p = sub.add_parser("report", help="base-vs-tuned Markdown table (best, mean, same prompt, each ± SE) and PNG chart",
                        description="Write report.md, scores.png and summary.json into --output-dir from the "
-                       "results.json files of `fjordtune eval`.")
+                       "results.json files of `fjordtune eval`, and print the table and which changes are "
+                       "larger than their noise (2 standard errors).")
     p.add_argument("--base", metavar="RESULTS_JSON", help="results.json of the base model")
     p.add_argument("--tuned", metavar="RESULTS_JSON", help="results.json of the tuned model")
     p.add_argument("--output-dir", required=True, metavar="DIR")
@@ -257,6 +258,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 raise ConfigError(f"report --{key} {path}: cannot read results ({e})") from None
     paths = write_report(output_dir=args.output_dir, base=loaded.get("base"), tuned=loaded.get("tuned"))
     print(paths["table"])
+    print(f"\n{paths['words']}")
     print(f"\nreport: {paths['markdown']}\nchart:  {paths['png']}")
     return 0
 

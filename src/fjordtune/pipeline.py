@@ -155,6 +155,8 @@ def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
     say("")
     say(paths["table"])
     say("")
+    say(paths["words"])
+    say("")
     if paths.get("held_out"):
         say(paths["held_out"])
         say("")

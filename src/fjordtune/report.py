@@ -1,78 +1,106 @@
-"""Base-vs-tuned report: a Markdown table like the story's (best of the prompt variants per task and
-language, the mean alongside) and a PNG chart with chance level marked."""
+"""Base-vs-tuned report: a Markdown table per task and language (best prompt and mean over the prompt
+variants, each with its standard error; tuned on base's best prompt and the change there with a paired
+SE), a paragraph saying in words which changes are larger than their noise, and a PNG chart with SE bars
+and chance marked. The statistics live in `fjordtune.eval.stats`; docs/evaluation.md explains them."""
 
 from __future__ import annotations
 
-import json
-import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-_VARIANT = re.compile(r"^(?P<base>.+)_(?P<lang>nob|nno)_p(?P<k>\d+)$")
+from fjordtune.eval.stats import (
+    NOISE_SES,
+    Comparison,
+    Estimate,
+    ModelGroup,
+    compare,
+    group_prompts,
+    metric_of,
+    model_group,
+)
+
+__all__ = ["aggregate", "markdown_table", "metric_of", "noise_words", "plot", "write_report"]
+
 _FAMILY_LABELS = {
     "norcommonsenseqa": "NorCommonsenseQA",
     "noropenbookqa": "NorOpenBookQA",
     "nortruthfulqa_mc": "NorTruthfulQA (mc)",
     "nrk_quiz_qa": "NRK-Quiz-QA",
 }
-
-
-def metric_of(entry: dict[str, Any]) -> tuple[str, float] | None:
-    """The headline metric of a task: acc_norm where the task defines it, else acc (as NorEval reports)."""
-    for m in ("acc_norm", "acc"):
-        if m in entry:
-            return m, entry[m]
-    return None
+MARK = "*"
+"""Appended to a same-prompt change larger than NOISE_SES standard errors."""
 
 
 def aggregate(results: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """{(family, lang): {"best", "mean", "best_prompt", "metric", "n", "chance"}} over prompt variants."""
-    groups: dict[tuple[str, str], list[tuple[str, str, float, dict[str, Any]]]] = defaultdict(list)
-    for name, entry in results["tasks"].items():
-        m = _VARIANT.match(name)
-        family, lang, prompt = (m["base"], m["lang"], f"p{m['k']}") if m else (name, "-", "-")
-        got = metric_of(entry)
-        if got:
-            groups[(family, lang)].append((prompt, got[0], got[1], entry))
+    """{(family, lang): {"best", "best_se", "best_prompt", "mean", "mean_se", "metric", "n", "chance",
+    "num_prompts"}} over prompt variants (SEs None where they cannot be estimated)."""
     out = {}
-    for key, rows in sorted(groups.items()):
-        best = max(rows, key=lambda r: r[2])
-        out[key] = {
-            "best": best[2], "best_prompt": best[0], "mean": sum(r[2] for r in rows) / len(rows),
-            "metric": best[1], "n": best[3].get("n", 0), "chance": best[3].get("chance"),
-            "num_prompts": len(rows),
-        }
+    for key, prompts in group_prompts(results).items():
+        g = model_group(prompts)
+        out[key] = {"best": g.best.value, "best_se": g.best.se, "best_prompt": g.best_prompt, "mean": g.mean.value,
+                    "mean_se": g.mean.se, "metric": g.metric, "n": g.n, "chance": g.chance,
+                    "num_prompts": g.num_prompts}
     return out
 
 
 def markdown_table(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> str:
-    """One row per task and language: best-of-prompts score of base and tuned, the change, and n."""
-    agg_b = aggregate(base) if base else {}
-    agg_t = aggregate(tuned) if tuned else {}
-    keys = sorted(set(agg_b) | set(agg_t))
+    """One row per task and language, scores in points (x100) with +- one standard error."""
+    rows = compare(base, tuned)
     lines = [
-        "| task | lang | metric | n | chance | base best (mean) | tuned best (mean) | change |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| task | lang | metric | base best ± SE (prompt) | base mean ± SE | tuned best ± SE (prompt) | tuned mean ± SE "
+        "| tuned on base's best prompt | change (same prompt) ± SE | n | chance |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    col_b, col_t = [], []
-    for key in keys:
-        b, t = agg_b.get(key), agg_t.get(key)
-        ref = t or b
-        fam = _FAMILY_LABELS.get(key[0], key[0])
-        delta = f"{(t['best'] - b['best']) * 100:+.1f}" if b and t else "-"
+    cols: dict[str, list[float]] = {c: [] for c in ("b_best", "b_mean", "t_best", "t_mean", "t_same", "change")}
+    for key, c in rows.items():
+        ref = c.tuned or c.base
+        assert ref is not None  # compare() makes a row only for a key one of the models has
         lines.append(
-            f"| {fam} | {key[1]} | {ref['metric']} | {ref['n']} | {_pct(ref['chance'])} | "
-            f"{_cell(b)} | {_cell(t)} | {delta} |"
+            f"| {_FAMILY_LABELS.get(key[0], key[0])} | {key[1]} | {ref.metric} | "
+            f"{_best_cell(c.base)} | {_est(c.base.mean if c.base else None)} | "
+            f"{_best_cell(c.tuned)} | {_est(c.tuned.mean if c.tuned else None)} | "
+            f"{_est(c.tuned_on_same_prompt)} | {_change_cell(c.same_prompt_change)} | {ref.n} | {_pct(ref.chance)} |"
         )
-        if b:
-            col_b.append(b["best"])
-        if t:
-            col_t.append(t["best"])
-    avg_b = _pct(sum(col_b) / len(col_b)) if col_b else "-"
-    avg_t = _pct(sum(col_t) / len(col_t)) if col_t else "-"
-    lines.append(f"| **average** | | | | | {avg_b} | {avg_t} | |")
+        for col, est in (("b_best", c.base and c.base.best), ("b_mean", c.base and c.base.mean),
+                         ("t_best", c.tuned and c.tuned.best), ("t_mean", c.tuned and c.tuned.mean),
+                         ("t_same", c.tuned_on_same_prompt), ("change", c.same_prompt_change)):
+            if est:
+                cols[col].append(est.value)
+    avg = {col: (sum(v) / len(v) if v else None) for col, v in cols.items()}
+    change = "-" if avg["change"] is None else f"{100 * avg['change']:+.1f}"
+    lines.append(f"| **average** | | | {_pct(avg['b_best'])} | {_pct(avg['b_mean'])} | {_pct(avg['t_best'])} | "
+                 f"{_pct(avg['t_mean'])} | {_pct(avg['t_same'])} | {change} | | |")
     return "\n".join(lines)
+
+
+def noise_words(base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> str:
+    """A paragraph saying which same-prompt changes are larger than NOISE_SES standard errors and which are
+    within the noise, and that best-of-prompts is chosen on the test set."""
+    rows = compare(base, tuned)
+    changes = {key: c for key, c in rows.items() if c.same_prompt_change is not None}
+    lead = "**Beyond noise?**"
+    caveat = ("Best-of-5 picks each model's prompt on the test set itself, so both best columns are biased "
+              "upward and a best-vs-best difference can come from the choice alone; ")
+    if not changes:
+        return f"{lead} No task has both models on the same prompt: no change to judge. {caveat.rstrip('; ')}."
+    beyond = [_named_change(k, c) for k, c in changes.items() if c.same_prompt_change.beyond_noise]
+    no_se = [_label(k) for k, c in changes.items() if c.same_prompt_change.se is None]
+    within = [_named_change(k, c) for k, c in changes.items()
+              if c.same_prompt_change.se is not None and not c.same_prompt_change.beyond_noise]
+    parts = [f"{lead} Tuned vs base on base's best prompt, larger than {NOISE_SES:g} SE: "
+             f"{'; '.join(beyond) if beyond else 'none'}. Within noise: {'; '.join(within) if within else 'none'}."]
+    if no_se:
+        parts.append(f"No SE (fewer than 2 documents): {', '.join(no_se)}.")
+    unpaired = [_label(k) for k, c in changes.items() if not c.same_prompt_change.paired]
+    if unpaired:
+        which = "all tasks" if len(unpaired) == len(changes) else ", ".join(unpaired)
+        parts.append(f"Without per-document results on the same documents for both (e.g. an older results.json), "
+                     f"unpaired SEs from lm-eval's stderr (usually larger than paired ones): {which}.")
+    best_beyond = [f"{_label(k)} {100 * c.best_change.value:+.1f}" for k, c in rows.items()
+                   if c.best_change is not None and c.best_change.beyond_noise]
+    parts.append(caveat + (f"with the unpaired SE of the two chosen prompts (the choice not included), best-vs-best "
+                           f"changes beyond {NOISE_SES:g} SE: {', '.join(best_beyond) if best_beyond else 'none'}."))
+    return " ".join(parts)
 
 
 def held_out_table(train: dict[str, Any] | None) -> str | None:
@@ -90,7 +118,7 @@ def held_out_table(train: dict[str, Any] | None) -> str | None:
 
 
 def plot(base: dict[str, Any] | None, tuned: dict[str, Any] | None, path: str | Path) -> Path:
-    """Grouped bars of best-of-prompts scores per task and language, chance marked per group."""
+    """Grouped bars of best-of-prompts scores per task and language with +-1 SE error bars, chance marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +132,9 @@ def plot(base: dict[str, Any] | None, tuned: dict[str, Any] | None, path: str | 
     xs = range(len(keys))
     for offset, agg, label, color in ((-width / 2, agg_b, "base", "#9aa5b1"), (width / 2, agg_t, "tuned", "#1f6feb")):
         vals = [100 * agg[k]["best"] if k in agg else 0 for k in keys]
-        bars = ax.bar([x + offset for x in xs], vals, width, label=label, color=color)
+        errs = [100 * (agg[k]["best_se"] or 0) if k in agg else 0 for k in keys]
+        bars = ax.bar([x + offset for x in xs], vals, width, yerr=errs, capsize=2,
+                      error_kw={"elinewidth": 0.8, "ecolor": "#24292f"}, label=label, color=color)
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
     for x, k in zip(xs, keys):
         ref = agg_t.get(k) or agg_b.get(k)
@@ -112,9 +142,9 @@ def plot(base: dict[str, Any] | None, tuned: dict[str, Any] | None, path: str | 
             ax.hlines(100 * ref["chance"], x - width, x + width, colors="#d1242f", linestyles="--", linewidth=1,
                       label="chance" if x == 0 else None)
     ax.set_xticks(list(xs), [f"{_FAMILY_LABELS.get(f, f)}\n{lang}" for f, lang in keys], fontsize=7)
-    ax.set_ylabel("score, best of prompts (%)")
+    ax.set_ylabel("score, best of prompts (%), bars ±1 SE")
     ax.set_ylim(0, 105)
-    ax.set_title("NorEval: base vs tuned")
+    ax.set_title("NorEval: base vs tuned (best prompt chosen on the test set)")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     path = Path(path)
@@ -131,9 +161,14 @@ def write_report(*, output_dir: str | Path, base: dict[str, Any] | None, tuned: 
     out.mkdir(parents=True, exist_ok=True)
     png = plot(base, tuned, out / "scores.png")
     table = markdown_table(base, tuned)
-    parts = [f"# {title}", "", "Best of the prompt variants per task and language (mean over variants in brackets),",
-             "as the NorEval dashboard reports; `chance` is the expected score of uniform guessing.", "", table, "",
-             "![scores](scores.png)", ""]
+    words = noise_words(base, tuned)
+    parts = [f"# {title}", "",
+             "Scores in points (x100) ± one standard error. *best*: the best of the prompt variants (as the NorEval",
+             "dashboard reports), chosen on the test set itself; *mean*: the mean over the variants; *tuned on base's",
+             "best prompt* and *change (same prompt)*: both models on the prompt that was best for base, the change",
+             f"with a paired SE, marked `{MARK}` when larger than {NOISE_SES:g} SE; `chance`: the expected score of",
+             "uniform guessing. docs/evaluation.md, \"Report and noise\", explains every column.", "", table, "",
+             words, "", "![scores](scores.png)", ""]
     warnings = [w for r in (base, tuned) if r for w in r.get("warnings", [])]
     if warnings:
         parts += ["## Sanity warnings", ""] + [f"- {w}" for w in warnings] + [""]
@@ -146,13 +181,42 @@ def write_report(*, output_dir: str | Path, base: dict[str, Any] | None, tuned: 
     md = out / "report.md"
     md.write_text("\n".join(parts))
     combined = out / "summary.json"
-    combined.write_text(json.dumps({"base": base, "tuned": tuned, "train": train}, indent=2, ensure_ascii=False) + "\n")
-    return {"markdown": md, "png": png, "summary": combined, "table": table, "held_out": held}
+    from fjordtune.eval.run import dumps_results
+
+    combined.write_text(dumps_results({"base": base, "tuned": tuned, "train": train}))
+    return {"markdown": md, "png": png, "summary": combined, "table": table, "words": words, "held_out": held}
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _cell(a: dict[str, Any] | None) -> str:
-    return "-" if not a else f"{100 * a['best']:.1f} ({100 * a['mean']:.1f})"
+def _est(e: Estimate | None) -> str:
+    if e is None:
+        return "-"
+    return f"{100 * e.value:.1f}" + ("" if e.se is None else f" ± {100 * e.se:.1f}")
+
+
+def _best_cell(g: ModelGroup | None) -> str:
+    return "-" if g is None else f"{_est(g.best)} ({g.best_prompt})"
+
+
+def _change_cell(e: Estimate | None) -> str:
+    if e is None:
+        return "-"
+    cell = f"{100 * e.value:+.1f}" + ("" if e.se is None else f" ± {100 * e.se:.1f}")
+    return f"{cell} {MARK}" if e.beyond_noise else cell
+
+
+def _label(key: tuple[str, str]) -> str:
+    return f"{_FAMILY_LABELS.get(key[0], key[0])} {key[1]}".rstrip(" -")
+
+
+def _named_change(key: tuple[str, str], c: Comparison) -> str:
+    e = c.same_prompt_change
+    assert e is not None and e.num_ses is not None
+    if e.se == 0:
+        size = "no document changed" if e.value == 0 else "SE 0"
+    else:  # two decimals where one would round onto the threshold and contradict the verdict
+        size = f"{e.num_ses:.{2 if abs(e.num_ses - NOISE_SES) < 0.05 else 1}f} SE"
+    return f"{_label(key)}: {100 * e.value:+.1f} points ({size})"

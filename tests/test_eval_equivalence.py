@@ -72,20 +72,32 @@ def test_summarize_reports_acc_acc_norm_n_and_chance(ray_local, tiny_model_dir):
 
     from fjordtune.eval.noreval import build_task_dict, chance_level
     from fjordtune.eval.ray_lm import RayDataLM
-    from fjordtune.eval.run import leaf_tasks, summarize, task_manager
+    from fjordtune.eval.run import dumps_results, leaf_tasks, summarize, task_manager
+    from fjordtune.eval.stats import mean_se
     from fjordtune.model.load import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     lm = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, dtype="float32", num_workers=1, batch_size=32)
     task_dict = build_task_dict(TASKS, DATA, num_fewshot=0, task_manager=task_manager())
-    raw = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=0, log_samples=False)
+    raw = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=1000, log_samples=True)
     res = summarize(raw, leaf_tasks(task_dict), chance_fn=chance_level)
     assert set(res["tasks"]) == set(TASKS)
     for name, entry in res["tasks"].items():
         assert entry["n"] > 0 and 0 <= entry["acc"] <= 1
         assert ("acc_norm" in entry) == ("truthfulqa" not in name)
         assert 0 < entry["chance"] < 1
-    json.dumps(res, allow_nan=False)  # strict JSON: no NaN sneaks into results.json
+        # per_doc: one 0/1 per scored document, sorted by doc_id, averaging to the task's own numbers
+        per_doc = entry["per_doc"]
+        assert per_doc["doc_id"] == sorted(per_doc["doc_id"]) and len(set(per_doc["doc_id"])) == entry["n"]
+        for metric in ("acc", "acc_norm"):
+            assert (metric in per_doc) == (metric in entry)
+            if metric in entry:
+                assert len(per_doc[metric]) == entry["n"] and set(per_doc[metric]) <= {0, 1}
+                assert sum(per_doc[metric]) / entry["n"] == pytest.approx(entry[metric], abs=1e-12), (name, metric)
+                # our SE from per_doc is lm-eval's own acc_stderr
+                assert mean_se(per_doc[metric]) == pytest.approx(entry[f"{metric}_stderr"], rel=1e-9), (name, metric)
+    json.loads(dumps_results(res), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert json.loads(dumps_results(res)) == res
 
 
 def test_chance_warning_fires_on_a_model_at_chance():

@@ -6,14 +6,16 @@ description is the documentation (`fjordtune validate --explain` prints them).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 #: LoRA targets that cover Mistral4's MLA attention projections (there is no k_proj / v_proj).
 MISTRAL4_ATTENTION_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
 #: Mistral4's fused routed experts are 3-D parameters, reachable only through `target_parameters`.
 MISTRAL4_EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+#: Arguments lm-eval passes to the tokenizer's `apply_chat_template` itself (`HFLM.apply_chat_template`).
+LM_EVAL_CHAT_TEMPLATE_KWARGS = ("conversation", "tokenize", "add_generation_prompt", "continue_final_message")
 
 
 class Section(BaseModel):
@@ -163,8 +165,33 @@ class EvalSection(Section):
         default=None,
         description="Local folder laid out <hf_dataset_id>/<config>/<split>.jsonl, read instead of the hub.",
     )
-    num_fewshot: int | None = Field(default=None, ge=0, description="Few-shot examples; None = each task's default.")
-    apply_chat_template: bool = Field(default=False, description="Wrap prompts in the tokenizer's chat template.")
+    num_fewshot: int | dict[str, int] | None = Field(
+        default=None, description="Few-shot examples per prompt: one count for every task; null for each task's "
+        "own default (0 for NorEval); or a mapping from shell-style task patterns to counts, e.g. "
+        "{'noropenbookqa_*': 16, 'norcommonsenseqa_*': 16}: the first matching pattern (in file order) sets a "
+        "task's count, unmatched tasks keep their default, and a pattern that matches none of eval.tasks is an "
+        "error. Tasks whose lm-eval config fixes 0-shot (nortruthfulqa_mc, nrk_quiz_qa) stay at 0, as in lm-eval. "
+        "Shots from the scored split itself (norcommonsenseqa) never include the question being asked.",
+    )
+    apply_chat_template: bool = Field(
+        default=False, description="Wrap prompts in the tokenizer's chat template, exactly as lm-eval's hf model "
+        "does (with --apply_chat_template).",
+    )
+    chat_template_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for the tokenizer's chat template, e.g. "
+        "{enable_thinking: false} (lm-eval's hf model_args chat_template_args). Used with apply_chat_template.",
+    )
+    system_instruction: str | None = Field(
+        default=None, description="System message put before every prompt (lm-eval's --system_instruction). A "
+        "chat template that refuses a system role (Mistral/Gemma style) gets the prompt without it, as in lm-eval: "
+        "a warning says so. Without the chat template it is glued to the prompt text with no separator (lm-eval "
+        "0.4.13 does that): end it with a newline.",
+    )
+    fewshot_as_multiturn: bool | None = Field(
+        default=None, description="Few-shot examples as alternating user/assistant turns instead of one user "
+        "message (lm-eval's --fewshot_as_multiturn). null: what lm-eval's CLI does, on with apply_chat_template "
+        "and off without it. true needs apply_chat_template.",
+    )
     batch_size: int = Field(default=16, gt=0, description="Requests per scoring batch on each eval worker.")
     num_workers: int = Field(default=2, gt=0, description="Ray Data scoring actors, each holding a whole model.")
     gpus_per_worker: int = Field(
@@ -178,6 +205,55 @@ class EvalSection(Section):
     models: list[Literal["base", "tuned"]] = Field(
         default_factory=lambda: ["base", "tuned"], description="Which models `fjordtune run` evaluates."
     )
+    cache: bool = Field(
+        default=True, description="Store every scored batch under <storage.uri>/eval-cache/<model key>/ as it "
+        "finishes and reuse stored batches: a restarted actor or a re-run scores only what is missing, and the "
+        "base model (same commit, tasks, shots, template) is scored once across runs. false: score everything.",
+    )
+    max_restarts: int = Field(
+        default=2, ge=0, le=20, description="Restarts of a scoring actor that died (OOM, a lost node); its "
+        "unfinished batch is scored again. A crash that repeats more often ends the eval with the actor's error.",
+    )
+
+    @field_validator("num_fewshot", mode="before")
+    @classmethod
+    def _fewshot_counts(cls, v: Any) -> Any:
+        def bad_count(x: Any) -> bool:
+            return isinstance(x, bool) or not isinstance(x, int) or x < 0
+
+        if v is None:
+            return v
+        if isinstance(v, dict):
+            for pattern, count in v.items():
+                if not isinstance(pattern, str) or not pattern:
+                    raise ValueError(f"the mapping's keys are task-name patterns such as 'noropenbookqa_*', not "
+                                     f"{pattern!r}")
+                if bad_count(count):
+                    raise ValueError(f"the count for {pattern!r} must be a whole number >= 0, not {count!r}")
+            return v
+        if bad_count(v):
+            raise ValueError("expected a whole number >= 0, null (each task's default) or a mapping from task "
+                             "patterns to counts such as {'noropenbookqa_*': 16}")
+        return v
+
+    @field_validator("chat_template_args")
+    @classmethod
+    def _not_lm_eval_own(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if taken := sorted(set(v) & set(LM_EVAL_CHAT_TEMPLATE_KWARGS)):
+            raise ValueError(f"{', '.join(taken)}: lm-eval sets these itself when it applies the chat template")
+        return v
+
+    @field_validator("fewshot_as_multiturn")
+    @classmethod
+    def _multiturn_needs_template(cls, v: bool | None, info: ValidationInfo) -> bool | None:
+        if v and not info.data.get("apply_chat_template"):
+            raise ValueError("true needs eval.apply_chat_template: true (as in lm-eval's CLI)")
+        return v
+
+    @property
+    def effective_fewshot_as_multiturn(self) -> bool:
+        """`fewshot_as_multiturn` as lm-eval's CLI resolves it: unset means on exactly with the chat template."""
+        return self.apply_chat_template if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
 
 
 class StorageSection(Section):

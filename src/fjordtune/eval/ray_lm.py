@@ -7,8 +7,11 @@ result order never depends on Ray Data's ordering.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import time
 import warnings
 from collections import Counter
 from typing import Any
@@ -27,17 +30,21 @@ bound, an actor that is never placed (its GPUs held by something else) makes the
 
 
 class ScoreActor:
-    """One Ray Data actor: loads the model once, then scores batches of requests."""
+    """One Ray Data actor: loads the model once (adapter merged), then scores work units: one unit per
+    call, its result written to storage as soon as it is scored (`eval/units.py`)."""
 
     def __init__(self, *, model_uri: str, adapter_uri: str | None, dtype: str, use_gpu: bool,
-                 storage: dict[str, Any] | None = None, cache_dir: str | None = None) -> None:
+                 storage: dict[str, Any] | None = None, cache_dir: str | None = None,
+                 results: dict[str, Any] | None = None) -> None:
         from fjordtune.eval.scorer import Scorer
+        from fjordtune.eval.units import ResultStore
         from fjordtune.model.load import local_model_dir
         from fjordtune.storage import Store, cache_root
 
         self.error: FjordtuneError | None = None
         try:
             store = Store(**(storage or {}))  # plain settings: credentials come from the actor's environment
+            self.results = ResultStore.from_settings(store, results) if results else None
             cache = cache_root(cache_dir)  # one download per node, shared with the training ranks
             model_dir = local_model_dir(model_uri, store=store, cache_root=cache)
             adapter_dir = local_model_dir(adapter_uri, store=store, cache_root=cache) if adapter_uri else None
@@ -48,12 +55,26 @@ class ScoreActor:
             self.error = e
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from fjordtune.eval.units import Unit
+
         if self.error is not None:
             raise self.error
-        ctx = [list(map(int, x)) for x in batch["ctx"]]
-        cont = [list(map(int, x)) for x in batch["cont"]]
-        scored = self.scorer.score(ctx, cont)
-        return {"idx": batch["idx"], "logprob": [s[0] for s in scored], "greedy": [s[1] for s in scored]}
+        out: dict[str, list[Any]] = {"unit": [], "logprob": [], "greedy": [], "scored": [], "pid": []}
+        for key, payload in zip(batch["unit"], batch["requests"], strict=True):
+            # a retried unit (its actor died after storing it, before returning it) is read, not scored
+            got = self.results.read(str(key)) if self.results else None
+            scored = got is None
+            if got is None:
+                ctx, cont = Unit.requests_of(str(payload))
+                got = self.scorer.score(ctx, cont)
+                if self.results:
+                    self.results.write(str(key), got)
+            out["unit"].append(str(key))
+            out["logprob"].append(json.dumps([g[0] for g in got]))
+            out["greedy"].append(json.dumps([g[1] for g in got]))
+            out["scored"].append(scored)
+            out["pid"].append(os.getpid())
+        return out
 
 
 class RayDataLM(TemplateLM):
@@ -63,7 +84,9 @@ class RayDataLM(TemplateLM):
                  num_workers: int = 2, batch_size: int = 16, use_gpu: bool = False, cpus_per_worker: float = 1,
                  storage: dict[str, Any] | None = None, name: str = "model", gpus_per_worker: int = 1,
                  cache_dir: str | None = None,
-                 actor_start_timeout_s: float = ACTOR_START_TIMEOUT_S) -> None:
+                 actor_start_timeout_s: float = ACTOR_START_TIMEOUT_S,
+                 chat_template_args: dict[str, Any] | None = None, results: Any = None,
+                 max_restarts: int = 2) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.model_uri, self.adapter_uri, self.dtype = model_uri, adapter_uri, dtype
@@ -72,7 +95,18 @@ class RayDataLM(TemplateLM):
         self.cache_dir = cache_dir
         self.gpus_per_worker = gpus_per_worker
         self.actor_start_timeout_s = actor_start_timeout_s
-        self.num_scored = 0
+        self.results = results
+        """`eval.units.ResultStore` where unit results are stored and found again; None: nothing stored."""
+        self.max_restarts = max_restarts
+        self.num_scored = self.num_reused = self.units_reused = 0
+        self.scored_units: list[str] = []
+        """Keys of the units scored by this process's evaluations, one entry per scoring (tests count them)."""
+        self.reused_units: list[str] = []
+        """Keys of the units whose stored results were used instead (found before scoring started, or by an
+        actor retrying a unit that a killed actor had already stored)."""
+        self.tokens_full = self.tokens_shared = 0
+        """Tokens full-sequence scoring would forward, and what shared contexts forward instead."""
+        self.chat_template_args = dict(chat_template_args or {})  # to the tokenizer's template, as hf's
 
     @property
     def eot_token_id(self) -> int:
@@ -95,46 +129,105 @@ class RayDataLM(TemplateLM):
         return self.tokenizer.encode(string, **kw)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt,
-        )
+        from fjordtune.eval.chat import render_chat
+
+        # hf's rendering, its retry without the system role included (fjordtune.eval.chat)
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt=add_generation_prompt,
+                           chat_template_args=self.chat_template_args)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return self.tokenizer.chat_template if chat_template else None
+        return super().chat_template(chat_template)  # TemplateLM's selection, the one `hf` inherits
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        import ray
+        from fjordtune.eval.units import plan_units, token_counts
 
         if not requests:
             return []
-        items = [{"idx": i, "ctx": ctx, "cont": cont} for i, (_, ctx, cont) in enumerate(requests)]
-        # longest first: batches of similar length waste less padding
-        items.sort(key=lambda r: -(len(r["ctx"]) + len(r["cont"])))
-        num_actors = self.placeable_actors(ray.nodes())
-        log.info("%s: scoring %d requests on %d Ray Data actors", self.name, len(items), num_actors)
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        units = plan_units(pairs, self.batch_size)
+        full, shared = token_counts(pairs)
+        self.tokens_full += full
+        self.tokens_shared += shared
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        reused: dict[str, list[tuple[float, bool]]] = {}
+        if self.results is not None:
+            self.results.describe()
+            done = self.results.finished() & {u.key for u in units}
+            reused = self.results.read_many(done)
+        todo = []
+        for unit in units:
+            if unit.key in reused:
+                self._place(out, unit, reused[unit.key])
+            else:
+                todo.append(unit)
+        num_reused = sum(len(u.indices) for u in units if u.key in reused)
+        self.num_reused += num_reused
+        self.units_reused += len(units) - len(todo)
+        self.reused_units.extend(u.key for u in units if u.key in reused)
+        log.info("%s: %d requests in %d units (a context forwarded once: %s of the tokens of full scoring)%s",
+                 self.name, len(requests), len(units), f"{shared / max(full, 1):.0%}",
+                 f"; {num_reused} reused from {self.results.uri}" if num_reused else "")
+        if todo:
+            self._score_units(todo, out)
+        missing = [i for i, r in enumerate(out) if r is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} requests came back unscored (first: {missing[:5]})")
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _place(out: list[tuple[float, bool] | None], unit: Any, results: list[tuple[float, bool]]) -> None:
+        if len(results) != len(unit.indices):
+            raise RuntimeError(f"unit {unit.key}: {len(results)} results for {len(unit.indices)} requests")
+        for i, r in zip(unit.indices, results, strict=True):
+            out[i] = r
+
+    def _score_units(self, units: list[Any], out: list[tuple[float, bool] | None]) -> None:
+        import ray
+
+        by_key = {u.key: u for u in units}
+        num_actors = min(self.placeable_actors(ray.nodes()), len(units))
+        log.info("%s: scoring %d units on %d Ray Data actors (up to %d restarts each)", self.name, len(units),
+                 num_actors, self.max_restarts)
         context = ray.data.DataContext.get_current()
         # the scorer's own errors (a model folder with missing weights) must arrive as themselves
         context.raise_original_map_exception = True
         # Ray Data waits for its actors without limit by default: bound it (whole seconds, an int field)
         previous_wait = context.wait_for_min_actors_s
         context.wait_for_min_actors_s = max(1, math.ceil(self.actor_start_timeout_s))
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        progress = EvalProgress(self.name, total=sum(len(u.indices) for u in units))
         timed_out = False
         try:
             with warnings.catch_warnings():  # max_restarts/max_task_retries have no named parameter yet
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                items = [{"unit": u.key, "requests": u.payload()} for u in units]
                 ds = self._pipeline(ray.data.from_items(items), num_actors=num_actors)
             for row in ds.iter_rows():
-                out[int(row["idx"])] = (float(row["logprob"]), bool(row["greedy"]))
+                unit = by_key[str(row["unit"])]
+                got = [(float(lp), bool(g)) for lp, g in zip(json.loads(row["logprob"]), json.loads(row["greedy"]),
+                                                              strict=True)]
+                self._place(out, unit, got)
+                if row["scored"]:
+                    self.num_scored += len(unit.indices)
+                    self.scored_units.append(unit.key)
+                else:
+                    self.num_reused += len(unit.indices)
+                    self.units_reused += 1
+                    self.reused_units.append(unit.key)
+                progress.update(len(unit.indices))
         except Exception as e:  # a bad model folder on an actor is the user's error, not a crash
             reraise_as_fjordtune(e)
+            if _actor_died(e) is not None:
+                raise InfraError(
+                    f"eval {self.name}: a scoring actor died {self.max_restarts + 1} times, the last time with: "
+                    f"{_actor_died(e)}; {progress.done} of {progress.total} requests were scored and stored: "
+                    "the next run scores only the rest (eval.max_restarts sets the restarts)") from None
             if not _actor_start_timed_out(e):
                 raise
             timed_out = True
         finally:
             context.wait_for_min_actors_s = previous_wait
+            progress.close()
         if timed_out:
             # Ray Data leaves the actor it waited for pending; once placed, it starts and exits (its handle
             # is gone). When this ends the driver (`fjordtune run`), it goes with the driver's job.
@@ -142,11 +235,6 @@ class RayDataLM(TemplateLM):
                 f"eval: {num_actors} scoring actor(s) ({self._actor_needs()} each) did not start within "
                 f"{self.actor_start_timeout_s:g} s: their resources are held by other work (a training run "
                 "still releasing its GPUs, another job), or loading the model took longer than that")
-        missing = [i for i, r in enumerate(out) if r is None]
-        if missing:
-            raise RuntimeError(f"{len(missing)} requests came back unscored (first: {missing[:5]})")
-        self.num_scored += len(requests)
-        return out  # type: ignore[return-value]
 
     def _actor_needs(self) -> str:
         gpus = f"{self.gpus_per_worker} GPU(s) and " if self.use_gpu else ""
@@ -184,16 +272,18 @@ class RayDataLM(TemplateLM):
             fn_constructor_kwargs={
                 "model_uri": self.model_uri, "adapter_uri": self.adapter_uri, "dtype": self.dtype,
                 "use_gpu": self.use_gpu, "storage": self.storage, "cache_dir": self.cache_dir,
+                "results": self.results.settings() if self.results else None,
             },
-            batch_size=self.batch_size,
+            batch_size=1,  # one unit per call: a unit is already a batch of requests
             batch_format="numpy",
             compute=ActorPoolStrategy(size=num_actors or self.num_workers),
             num_gpus=self.gpus_per_worker if self.use_gpu else 0,
             num_cpus=self.cpus_per_worker,
-            # Ray Data restarts and retries forever by default, so a crash that repeats (a bad model
-            # folder, OOM) would hang the eval: fail fast and say why instead
-            max_restarts=0,
-            max_task_retries=0,
+            # Ray Data restarts and retries forever by default, so a crash that repeats (OOM, a bad
+            # driver) would hang the eval: a bounded number of restarts, then the actor's death cause.
+            # A restarted actor gets the unit it lost again; finished units are not redone.
+            max_restarts=self.max_restarts,
+            max_task_retries=self.max_restarts,
         )
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> list[float]:
@@ -214,3 +304,76 @@ def _actor_start_timed_out(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _actor_died(exc: BaseException) -> str | None:
+    """The death cause of a scoring actor that died for good (restarts exhausted), wrapped or not; None
+    for other errors."""
+    import re
+
+    from ray.exceptions import ActorDiedError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ActorDiedError) or "The actor died unexpectedly" in str(exc):
+            text = " ".join(str(exc).split())
+            m = re.search(r"Worker exit detail: (.*?)(?: Some common causes|$)", text)
+            return (m[1] if m else text[:300]).strip()
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class EvalProgress:
+    """Requests scored, rate and ETA: a log line every `every_s` seconds (and at the end), and Ray
+    metrics for the dashboard (`fjordtune_eval_requests_done`, `_total`, `_eta_seconds`)."""
+
+    def __init__(self, label: str, *, total: int, every_s: float = 10.0) -> None:
+        self.label, self.total, self.every_s = label, total, every_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+        self.gauges: dict[str, Any] = {}
+        try:
+            from ray.util.metrics import Gauge
+
+            for name, desc in (("requests_done", "eval requests scored so far"),
+                               ("requests_total", "eval requests to score"),
+                               ("eta_seconds", "estimated seconds until the eval is scored")):
+                self.gauges[name] = Gauge(f"fjordtune_eval_{name}", description=desc, tag_keys=("model",))
+        except Exception as e:  # noqa: BLE001 (metrics are a convenience; never fail an eval on them)
+            log.debug("no Ray metrics for eval progress: %s", e)
+        self._publish(eta=None)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            self._report(now)
+
+    def _report(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        log.info("%s: %d/%d requests (%.1f%%), %.1f requests/s, %s", self.label, self.done, self.total,
+                 100 * self.done / max(self.total, 1), rate,
+                 "done" if self.done >= self.total else f"ETA {_duration(eta)}")
+        self._publish(eta=eta)
+
+    def _publish(self, *, eta: float | None) -> None:
+        tags = {"model": self.label}
+        for name, value in (("requests_done", self.done), ("requests_total", self.total),
+                            ("eta_seconds", eta if eta is not None else -1)):
+            if name in self.gauges:
+                self.gauges[name].set(float(value), tags=tags)
+
+    def close(self) -> None:
+        if self.done < self.total:
+            self._publish(eta=None)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

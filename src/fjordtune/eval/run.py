@@ -63,18 +63,56 @@ def leaf_tasks(task_dict: Any) -> dict[str, Any]:
 
 
 def build_tasks(job: JobSpec) -> tuple[list[str], Any]:
+    """The job's tasks, built as lm-eval's `simple_evaluate` builds them (few-shot counts, seed), with
+    NorEval's scored questions kept out of their own few-shot examples. Returns (names, task dict)."""
+    from fjordtune.eval.noreval import DEFAULT_FEWSHOT_SEED, apply_fewshot, build_task_dict, load_registered
+
     tm = task_manager()
     names = expand_tasks(job.eval.tasks, known=list(tm.all_tasks))
     if job.eval.data_dir:
-        from fjordtune.eval.noreval import build_task_dict
-
-        task_dict = build_task_dict(names, job.eval.data_dir, num_fewshot=job.eval.num_fewshot, task_manager=tm)
+        task_dict = build_task_dict(names, job.eval.data_dir, num_fewshot=job.eval.num_fewshot, task_manager=tm,
+                                    fewshot_seed=DEFAULT_FEWSHOT_SEED)
     else:
-        from fjordtune.eval.noreval import apply_fewshot
-
-        task_dict = tm.load(names)
-        apply_fewshot(leaf_tasks(task_dict), job.eval.num_fewshot)
+        task_dict = load_registered(names, tm)
+        apply_fewshot(leaf_tasks(task_dict), job.eval.num_fewshot, seed=DEFAULT_FEWSHOT_SEED)
     return names, task_dict
+
+
+def prompt_kwargs(job: JobSpec) -> dict[str, Any]:
+    """How lm-eval's `evaluate` builds the prompts for this job: the arguments lm-eval's CLI passes
+    for `--apply_chat_template`, `--system_instruction` and `--fewshot_as_multiturn`."""
+    return {"apply_chat_template": job.eval.apply_chat_template, "system_instruction": job.eval.system_instruction,
+            "fewshot_as_multiturn": job.eval.effective_fewshot_as_multiturn}
+
+
+def protocol_of(task_dict: Any, job: JobSpec, *, chat_template: str | None = None) -> dict[str, Any]:
+    """What decides the prompts and shots of a run, for results.json: per task the few-shot count used,
+    the split the shots come from, whether the scored document is kept out of its own shots, and the
+    sampler's seed (the last three None at 0-shot); globally the prompt arguments given to lm-eval,
+    the SHA-256 of the chat template text (`chat_template`) and lm-eval's version."""
+    from importlib.metadata import version
+
+    from fjordtune.eval.chat import template_sha256
+    from fjordtune.eval.noreval import DEFAULT_FEWSHOT_SEED, excludes_scored_doc, fewshot_source
+
+    tasks = {}
+    for name, task in sorted(leaf_tasks(task_dict).items()):
+        shots = int(task.get_config("num_fewshot") or 0)
+        has_cfg = hasattr(task, "fewshot_cfg")  # a ConfigurableTask: every YAML task
+        tasks[name] = {
+            "num_fewshot": shots,
+            "fewshot_split": fewshot_source(task) if shots and has_cfg else None,
+            "excludes_scored_doc": excludes_scored_doc(task) if shots and has_cfg else None,
+            "fewshot_seed": DEFAULT_FEWSHOT_SEED if shots else None,
+        }
+    apply = job.eval.apply_chat_template
+    return {
+        **prompt_kwargs(job),
+        "chat_template_args": dict(job.eval.chat_template_args) if apply else {},
+        "chat_template_sha256": template_sha256(chat_template) if apply else None,
+        "lm_eval_version": version("lm_eval"),
+        "tasks": tasks,
+    }
 
 
 def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: str,
@@ -100,17 +138,27 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
         cpus_per_worker=job.resources.cpus_per_worker, storage=store.settings(), name=label,
         cache_dir=job.storage.cache_dir,
         gpus_per_worker=job.eval.gpus_per_worker,
+        chat_template_args=job.eval.chat_template_args,
+        results=result_store(job, store, model_uri=model_uri, adapter_uri=adapter_uri),
+        max_restarts=job.eval.max_restarts,
     )
+    if not job.eval.apply_chat_template and job.eval.chat_template_args:
+        log.warning("eval.chat_template_args is ignored: eval.apply_chat_template is false")
     t0 = time.perf_counter()
     raw = lm_eval.evaluator.evaluate(
-        lm=lm, task_dict=task_dict, limit=job.eval.limit, apply_chat_template=job.eval.apply_chat_template,
-        bootstrap_iters=1000, log_samples=False, verbosity="WARNING",
+        lm=lm, task_dict=task_dict, limit=job.eval.limit, **prompt_kwargs(job),
+        bootstrap_iters=1000, log_samples=True, verbosity="WARNING",  # True: per_doc in results.json
     )
     seconds = time.perf_counter() - t0
     results = summarize(raw, leaf_tasks(task_dict), chance_fn=chance_level)
-    results.update(model=label, model_uri=model_uri, adapter_uri=adapter_uri, num_requests=lm.num_scored,
+    template = lm.chat_template(True) if job.eval.apply_chat_template else None
+    results.update(model=label, model_uri=model_uri, adapter_uri=adapter_uri,
+                   num_requests=lm.num_scored + lm.num_reused, num_scored=lm.num_scored, num_reused=lm.num_reused,
+                   results_uri=lm.results.uri if lm.results else None,
+                   tokens_full_scoring=lm.tokens_full, tokens_shared_context=lm.tokens_shared,
                    seconds=round(seconds, 2), num_fewshot=job.eval.num_fewshot,
-                   apply_chat_template=job.eval.apply_chat_template)
+                   apply_chat_template=job.eval.apply_chat_template,
+                   protocol=protocol_of(task_dict, job, chat_template=template))
     for w in results["warnings"]:
         log.warning("%s: %s", label, w)
     if output_dir:
@@ -118,8 +166,25 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
     return results
 
 
+def result_store(job: JobSpec, store: Any, *, model_uri: str, adapter_uri: str | None) -> Any:
+    """Where this evaluation's unit results are stored and found again (`eval/units.py`), or None with
+    `eval.cache: false` or a model that no commit id or revision pins."""
+    from fjordtune.eval.units import ResultStore
+
+    if not job.eval.cache:
+        return None
+    found = ResultStore.for_model(store, job.storage.uri, model_uri=model_uri, adapter_uri=adapter_uri,
+                                  dtype=job.model.dtype)
+    if found is None:
+        log.warning("eval: %s is not pinned to a commit or revision: its results are scored afresh and not stored",
+                    adapter_uri or model_uri)
+    return found
+
+
 def summarize(raw: dict[str, Any], tasks: dict[str, Any], *, chance_fn: Any) -> dict[str, Any]:
-    """Per-task acc / acc_norm / n / chance from lm-eval's output, with sanity warnings."""
+    """Per-task acc / acc_norm (+ lm-eval's stderr) / n / chance from lm-eval's output, with sanity warnings.
+    With lm-eval's samples (`log_samples=True`), each entry also gets `per_doc`: `{"doc_id": [...], "acc":
+    [...], "acc_norm": [...]}` sorted by doc_id, 0/1 per scored document, for paired standard errors."""
     out: dict[str, Any] = {"tasks": {}, "warnings": []}
     for name in sorted(tasks):
         res = raw["results"].get(name, {})
@@ -133,6 +198,9 @@ def summarize(raw: dict[str, Any], tasks: dict[str, Any], *, chance_fn: Any) -> 
         entry["n"] = int(raw.get("n-samples", {}).get(name, {}).get("effective", 0))
         chance = float(chance_fn(tasks[name]))
         entry["chance"] = round(chance, 4) if math.isfinite(chance) else None  # None: not multiple choice
+        docs = per_doc_results(raw.get("samples", {}).get(name, []), [m for m in ("acc", "acc_norm") if m in entry])
+        if docs:
+            entry["per_doc"] = docs
         out["tasks"][name] = entry
         if "acc" in entry and entry["chance"] is not None and entry["n"] >= 20 and entry["acc"] <= entry["chance"]:
             out["warnings"].append(
@@ -142,8 +210,38 @@ def summarize(raw: dict[str, Any], tasks: dict[str, Any], *, chance_fn: Any) -> 
     return out
 
 
+def per_doc_results(samples: list[dict[str, Any]], metrics: list[str]) -> dict[str, list[Any]] | None:
+    """`{"doc_id": [...], <metric>: [...]}` sorted by doc_id from lm-eval 0.4.13's logged samples (one dict
+    per document and filter, holding `doc_id`, `filter` and each metric's value); only the `none` filter,
+    whose values are the task's `<metric>,none`. Values 0/1 are stored as ints. None without samples."""
+    rows = sorted((s for s in samples if s.get("filter", "none") == "none"), key=lambda s: s["doc_id"])
+    if not rows:
+        return None
+    out: dict[str, list[Any]] = {"doc_id": [int(r["doc_id"]) for r in rows]}
+    for metric in metrics:
+        if all(isinstance(r.get(metric), (int, float)) for r in rows):
+            out[metric] = [int(v) if v in (0, 1) else float(v) for v in (r[metric] for r in rows)]
+    return out
+
+
+def dumps_results(results: dict[str, Any]) -> str:
+    """JSON text indented like `json.dumps(indent=2)`, except that a list of numbers or strings stays on one
+    line: per_doc over 7,034 documents x 5 prompts is 0.4 MB this way, 1.4 MB with one number per line."""
+
+    def enc(obj: Any, depth: int) -> str:
+        pad, end = "  " * (depth + 1), "  " * depth
+        if isinstance(obj, dict) and obj:
+            items = (f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {enc(v, depth + 1)}" for k, v in obj.items())
+            return "{\n" + ",\n".join(items) + f"\n{end}}}"
+        if isinstance(obj, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in obj):
+            return "[\n" + ",\n".join(f"{pad}{enc(x, depth + 1)}" for x in obj) + f"\n{end}]"
+        return json.dumps(obj, ensure_ascii=False)
+
+    return enc(results, 0) + "\n"
+
+
 def write_results(results: dict[str, Any], output_dir: str | Path) -> Path:
     path = Path(output_dir) / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(dumps_results(results))
     return path

@@ -818,6 +818,26 @@ class Store:
             raise UserError(f"{uri}: no such file" if loc.scheme == "file" else f"{uri}: no such object")
         return data
 
+    def put_object(self, uri: str, data: bytes) -> None:
+        """Write one small object without checking its bucket first (for many small writes into a bucket
+        already checked, e.g. eval results as batches finish)."""
+        loc = Location.parse(uri)
+        with self.errors(uri):
+            self._backend(loc).put_bytes(loc, data)
+
+    def get_object(self, uri: str) -> bytes | None:
+        """One object's bytes, or None when there is no such object."""
+        loc = Location.parse(uri)
+        with self.errors(uri):
+            return self._backend(loc).get_bytes(loc)
+
+    def list_objects(self, uri: str) -> dict[str, tuple[int, float]]:
+        """(size, modification time) of every object under `uri/`, by path relative to it (one request per
+        1,000 objects)."""
+        loc = Location.parse(uri)
+        with self.errors(uri):
+            return self._backend(loc).list(loc)
+
     def check_bucket(self, uri: str) -> None:
         """An InfraError (exit 3) naming the bucket and endpoint if the bucket of an s3:// URI does not
         exist: fjordtune never creates buckets (a typo would silently get one)."""

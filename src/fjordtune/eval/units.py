@@ -1,0 +1,205 @@
+"""Work units of an evaluation and their results in storage: what makes a run resumable and the base
+model's scores reusable.
+
+lm-eval hands the scorer a list of (context, continuation) token requests. `plan_units` cuts it into
+units of at most `batch_size` requests, keeping the requests that share a context (a question's choices)
+together so that the scorer forwards the context once. A unit is named by a hash of its requests alone,
+so its result is valid wherever the same requests meet the same model:
+
+    <storage.uri>/eval-cache/<model key>/model.json          what the key stands for (model, adapter, commit)
+    <storage.uri>/eval-cache/<model key>/units/<unit>.json   {"logprob": [...], "greedy": [...]}
+
+The model key hashes the model's and the adapter's identity (the commit id of a committed folder),
+the dtype and the scorer version. The requests already encode tasks, prompts, few-shot examples and
+chat template, so a re-run, a restarted actor, or `fjordtune run` evaluating the same base model again
+finds the finished units and scores only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fjordtune.errors import FjordtuneError
+
+log = logging.getLogger(__name__)
+
+SCORER_VERSION = 2
+"""Bumped whenever scores of the same requests could change (scoring semantics, merging)."""
+
+CACHE_DIR = "eval-cache"
+
+Request = tuple[Sequence[int], Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Requests scored together: one Ray Data batch, one object in storage."""
+
+    key: str
+    indices: tuple[int, ...]
+    """Positions of the unit's requests in lm-eval's request list."""
+    contexts: tuple[tuple[int, ...], ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+    def payload(self) -> str:
+        return json.dumps([self.contexts, self.continuations], separators=(",", ":"))
+
+    @staticmethod
+    def requests_of(payload: str) -> tuple[list[list[int]], list[list[int]]]:
+        ctx, cont = json.loads(payload)
+        return ctx, cont
+
+
+def _unit_key(contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> str:
+    h = hashlib.sha256()
+    for ctx, cont in zip(contexts, continuations, strict=True):
+        h.update(json.dumps([list(ctx), list(cont)], separators=(",", ":")).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def plan_units(requests: Sequence[Request], batch_size: int) -> list[Unit]:
+    """Cut requests into units of at most `batch_size`, longest first, a context's requests together.
+
+    Deterministic for a given request list: the same evaluation always gives the same unit keys.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(requests):
+        groups.setdefault(tuple(ctx), []).append(i)
+    # longest first: padding wastes less within a unit, and the slowest units start early
+    order = sorted(groups.items(), key=lambda g: (-max(len(g[0]) + len(requests[i][1]) for i in g[1]), g[1][0]))
+    units: list[Unit] = []
+    current: list[int] = []
+
+    def close() -> None:
+        if current:
+            ctx = tuple(tuple(requests[i][0]) for i in current)
+            cont = tuple(tuple(requests[i][1]) for i in current)
+            units.append(Unit(_unit_key(ctx, cont), tuple(current), ctx, cont))
+            current.clear()
+
+    for _, members in order:
+        if len(current) + len(members) > batch_size:
+            close()
+        for start in range(0, len(members), batch_size):  # a context with more choices than a batch
+            chunk = members[start : start + batch_size]
+            if len(current) + len(chunk) > batch_size:
+                close()
+            current.extend(chunk)
+    close()
+    return units
+
+
+def token_counts(requests: Iterable[Request]) -> tuple[int, int]:
+    """(tokens forwarded scoring every pair in full, tokens forwarded scoring each context once): what
+    shared contexts save, counted from the requests alone."""
+    full = shared = 0
+    seen: set[tuple[int, ...]] = set()
+    for ctx, cont in requests:
+        full += len(ctx) + len(cont) - 1
+        shared += len(cont) - 1
+        key = tuple(ctx)
+        if key not in seen:
+            seen.add(key)
+            shared += len(key)
+    return full, shared
+
+
+def source_identity(location: str, *, store: Any) -> dict[str, Any] | None:
+    """What pins a model or adapter folder's content: the commit id of a committed s3:// folder, file
+    sizes and modification times of a local one, the revision of a hub repository. None when nothing
+    pins it (results are then not reused)."""
+    if location.startswith("s3://"):
+        return {"uri": location, "commit": store.commit_id(location)}
+    path = Path(location).expanduser()
+    if path.is_dir():
+        files = sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in path.rglob("*") if p.is_file())
+        return {"path": str(path.resolve()), "files": hashlib.sha256(json.dumps(files).encode()).hexdigest()[:32]}
+    try:  # a hub id: its current revision, when the hub answers
+        from huggingface_hub import HfApi
+
+        sha = HfApi().model_info(location, timeout=10).sha
+    except Exception as e:  # noqa: BLE001 (offline, gated, unknown: just do not reuse results)
+        log.info("%s: no revision from the hub (%s): its eval results are not reused", location, type(e).__name__)
+        return None
+    return {"hub": location, "revision": sha} if sha else None
+
+
+class ResultStore:
+    """Unit results of one model (+ adapter) under `<storage.uri>/eval-cache/<model key>`."""
+
+    def __init__(self, store: Any, root_uri: str, identity: dict[str, Any]) -> None:
+        self.store = store
+        self.identity = {**identity, "scorer_version": SCORER_VERSION}
+        key = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
+        self.uri = f"{root_uri.rstrip('/')}/{CACHE_DIR}/{key}"
+
+    @classmethod
+    def for_model(cls, store: Any, root_uri: str, *, model_uri: str, adapter_uri: str | None,
+                  dtype: str) -> ResultStore | None:
+        """None when the model or the adapter is not pinned to a content version."""
+        model = source_identity(model_uri, store=store)
+        adapter = source_identity(adapter_uri, store=store) if adapter_uri else {}
+        if model is None or adapter is None:
+            return None
+        return cls(store, root_uri, {"model": model, "adapter": adapter or None, "dtype": dtype})
+
+    def settings(self) -> dict[str, Any]:
+        """Plain settings to rebuild this store in a Ray actor: `ResultStore.from_settings(store, ...)`."""
+        return {"uri": self.uri, "identity": self.identity}
+
+    @classmethod
+    def from_settings(cls, store: Any, settings: dict[str, Any]) -> ResultStore:
+        self = cls.__new__(cls)
+        self.store, self.uri, self.identity = store, settings["uri"], settings["identity"]
+        return self
+
+    def _unit_uri(self, key: str) -> str:
+        return f"{self.uri}/units/{key}.json"
+
+    def describe(self) -> None:
+        """Write model.json (once): which model, adapter and scorer the key stands for."""
+        if self.store.get_object(f"{self.uri}/model.json") is None:
+            self.store.put_object(f"{self.uri}/model.json", json.dumps(self.identity, indent=2).encode())
+
+    def finished(self) -> set[str]:
+        """Keys of every unit with a stored result."""
+        return {rel[len("units/"):-len(".json")] for rel in self.store.list_objects(self.uri)
+                if rel.startswith("units/") and rel.endswith(".json")}
+
+    def read(self, key: str) -> list[tuple[float, bool]] | None:
+        data = self.store.get_object(self._unit_uri(key))
+        if data is None:
+            return None
+        try:
+            got = json.loads(data)
+            return [(float(lp), bool(g)) for lp, g in zip(got["logprob"], got["greedy"], strict=True)]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable unit result; scoring it again", self._unit_uri(key))
+            return None
+
+    def read_many(self, keys: Iterable[str], *, threads: int = 16) -> dict[str, list[tuple[float, bool]]]:
+        keys = list(keys)
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys)))) as pool:
+            got = list(pool.map(self.read, keys))
+        return {k: r for k, r in zip(keys, got, strict=True) if r is not None}
+
+    def write(self, key: str, results: Sequence[tuple[float, bool]]) -> bool:
+        """Store a unit's results; a failed write is logged and skipped (scores are not lost: they still go
+        back to the driver; only a later resume would score the unit again)."""
+        body = {"logprob": [r[0] for r in results], "greedy": [r[1] for r in results], "pid": os.getpid()}
+        try:
+            self.store.put_object(self._unit_uri(key), json.dumps(body, separators=(",", ":")).encode())
+        except FjordtuneError as e:
+            log.warning("eval results of unit %s not stored (%s); the run goes on", key, str(e).splitlines()[0])
+            return False
+        return True

@@ -1,0 +1,125 @@
+"""The Ray-free eval core: shared-context scoring against full-sequence scoring, merged adapters against
+unmerged ones, and the planning of work units. Real model forward passes on a tiny Mistral4."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+
+def _questions(seed: int, *, num: int = 24, vocab: int = 500) -> tuple[list[list[int]], list[list[int]]]:
+    """Multiple-choice shaped requests: each context with 2-5 continuations of 1-8 tokens."""
+    rng = random.Random(seed)
+    ctxs, conts = [], []
+    for _ in range(num):
+        ctx = [rng.randrange(3, vocab) for _ in range(rng.randrange(2, 70))]
+        for _ in range(rng.randrange(2, 6)):
+            ctxs.append(ctx)
+            conts.append([rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))])
+    return ctxs, conts
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_dir):
+    from fjordtune.eval.scorer import Scorer
+
+    return Scorer(str(tiny_model_dir), dtype="float32")
+
+
+def test_shared_context_equals_full_scoring_within_1e4(scorer):
+    ctxs, conts = _questions(0)
+    before = scorer.tokens_forwarded
+    shared = scorer.score(ctxs, conts)
+    shared_tokens = scorer.tokens_forwarded - before
+    full = scorer.score(ctxs, conts, shared_context=False)
+    full_tokens = scorer.tokens_forwarded - before - shared_tokens
+    diff = max(abs(a[0] - b[0]) for a, b in zip(shared, full, strict=True))
+    assert diff < 1e-4, diff
+    assert [a[1] for a in shared] == [b[1] for b in full]
+    # the same answers, from fewer tokens: every context once instead of once per choice
+    assert shared_tokens < 0.5 * full_tokens, (shared_tokens, full_tokens)
+    # and it is a real comparison: other continuations score differently
+    other = scorer.score(ctxs, [c[::-1] if len(c) > 1 else [c[0] + 1] for c in conts])
+    assert max(abs(a[0] - b[0]) for a, b in zip(shared, other, strict=True)) > 1e-2
+
+
+def test_shared_context_under_left_truncation_and_single_token_choices(scorer):
+    ctxs, conts = _questions(1, num=10)
+    conts = [c[:1] if i % 2 else c for i, c in enumerate(conts)]  # many one-token continuations
+    old = scorer.max_length
+    try:
+        scorer.max_length = 24  # most pairs are longer: truncated from the left, as lm-eval does
+        shared = scorer.score(ctxs, conts)
+        full = scorer.score(ctxs, conts, shared_context=False)
+    finally:
+        scorer.max_length = old
+    assert max(abs(a[0] - b[0]) for a, b in zip(shared, full, strict=True)) < 1e-4
+    assert [a[1] for a in shared] == [b[1] for b in full]
+
+
+def test_merged_adapter_scores_like_the_unmerged_one_experts_included(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from fjordtune.eval.scorer import Scorer
+    from fjordtune.model.load import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir), dtype="float32")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_a_proj", "kv_b_proj", "o_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    peft_model = get_peft_model(model, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    expert_b = [n for n, _ in peft_model.named_parameters() if "lora_B" in n and "experts" in n]
+    assert expert_b, "the adapter must reach the fused experts"
+    peft_model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)
+
+    ctxs, conts = _questions(2, num=8)
+    base = Scorer(str(tiny_model_dir), dtype="float32").score(ctxs, conts)
+    merged_scorer = Scorer(str(tiny_model_dir), adapter_dir=str(tmp_path / "adapter"), dtype="float32")
+    assert not any("lora_" in n for n, _ in merged_scorer.model.named_modules()), "adapter left unmerged"
+    merged = merged_scorer.score(ctxs, conts)
+    unmerged = Scorer(str(tiny_model_dir), adapter_dir=str(tmp_path / "adapter"), dtype="float32",
+                      merge_adapter=False).score(ctxs, conts)
+    assert max(abs(a[0] - b[0]) for a, b in zip(merged, unmerged, strict=True)) < 1e-4
+    # the adapter matters (so the comparison above can fail), and the experts' part of it too
+    assert max(abs(a[0] - b[0]) for a, b in zip(merged, base, strict=True)) > 1e-2
+    no_experts = tmp_path / "no-experts"
+    from safetensors.torch import load_file, save_file
+
+    (no_experts).mkdir()
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    save_file({k: (torch.zeros_like(v) if "experts" in k and "lora_B" in k else v) for k, v in weights.items()},
+              str(no_experts / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (no_experts / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())
+    attn_only = Scorer(str(tiny_model_dir), adapter_dir=str(no_experts), dtype="float32").score(ctxs, conts)
+    assert max(abs(a[0] - b[0]) for a, b in zip(merged, attn_only, strict=True)) > 1e-3
+
+
+def test_units_keep_a_context_together_and_are_deterministic():
+    from fjordtune.eval.units import plan_units, token_counts
+
+    ctxs, conts = _questions(3, num=40)
+    reqs = list(zip(ctxs, conts, strict=True))
+    units = plan_units(reqs, batch_size=8)
+    again = plan_units(reqs, batch_size=8)
+    assert [u.key for u in units] == [u.key for u in again]
+    assert sorted(i for u in units for i in u.indices) == list(range(len(reqs)))
+    assert all(len(u.indices) <= 8 for u in units)
+    # a question's choices (<= 5 here, batch 8) never straddle two units
+    home = {tuple(ctx): set() for ctx in ctxs}
+    for u in units:
+        for i in u.indices:
+            home[tuple(ctxs[i])].add(u.key)
+    assert all(len(keys) == 1 for keys in home.values())
+    # the key is the content: another batch size gives other units, a changed request another key
+    changed = [(c, k + [1]) if i == 0 else (c, k) for i, (c, k) in enumerate(reqs)]
+    assert plan_units(changed, batch_size=8)[0].key != units[0].key or units[0].indices[0] != 0
+    assert len({u.key for u in plan_units(changed, batch_size=8)} ^ {u.key for u in units}) == 2
+    full, shared = token_counts(reqs)
+    assert full == sum(len(c) + len(k) - 1 for c, k in reqs)
+    assert shared == sum(len(k) - 1 for _, k in reqs) + sum(len(c) for c in {tuple(c) for c in ctxs})

@@ -122,7 +122,8 @@ def test_min_gpus_is_the_estimators_min_workers(real_counts):
 def test_placement_refusal_makes_the_gate_refuse(real_counts):
     from fjordtune.preflight.gate import check
 
-    job = load_job(REAL, [*OFFLINE, "resources.gpus_per_node=2"])
+    # 4 GPUs per scoring actor hold the model; nodes of 2 GPUs cannot host one
+    job = load_job(REAL, [*OFFLINE, "resources.gpus_per_node=2", "eval.gpus_per_worker=4"])
     with pytest.raises(PreflightRefused) as err:
         check(job, counts=real_counts)
     text = "\n".join(err.value.lines)
@@ -145,3 +146,48 @@ def test_eval_that_cannot_hold_the_model_is_refused_before_training(real_counts)
     assert "train: fits" in text and "eval: REFUSED" in text and "eval.gpus_per_worker: 4" in text
     # no eval requested: nothing to hold
     assert check(load_job(REAL, [*OFFLINE, "eval.gpus_per_worker=2", "eval.models=[]"]), counts=real_counts).fits
+
+
+@pytest.mark.parametrize(("memory_gib", "per_node", "workers", "expected"), [
+    (79.6, 8, 7, (2, 4)),    # the story: H100s, one 8-GPU node: 2 replicas x 4 GPUs, all 8 busy
+    (139.8, 8, 7, (4, 2)),   # H200s: the model fits on 2, so 4 replicas
+    (79.6, 8, 9, (4, 4)),    # training spans 2 nodes: eval fills both
+    (79.6, 6, 6, (1, 4)),    # 6-GPU nodes: one replica of 4 fits, 2 GPUs idle (and said so)
+])
+def test_auto_eval_plan_uses_the_fewest_gpus_that_hold_the_model_and_fills_the_nodes(
+        real_counts, memory_gib, per_node, workers, expected):
+    from fjordtune.preflight.gate import GiB, estimate_eval, plan_eval
+
+    job = load_job(REAL, [*OFFLINE, "eval.num_workers=auto", "eval.gpus_per_worker=auto",
+                          f"resources.accelerator_memory_gib={memory_gib}", f"resources.gpus_per_node={per_node}",
+                          f"resources.num_workers={workers}"])
+    cap = int(memory_gib * GiB)
+    plan = plan_eval(job, real_counts, cap)
+    assert (plan.replicas, plan.gpus_per_replica) == expected, plan.note
+    # fewest: one GPU less would not hold it
+    assert estimate_eval(job, real_counts, cap, gpus=plan.gpus_per_replica).fits
+    assert not estimate_eval(job, real_counts, cap, gpus=plan.gpus_per_replica - 1).fits
+    idle = -(-workers // per_node) * per_node - plan.replicas * plan.gpus_per_replica
+    assert (f"{idle} idle" in plan.note) == (idle > 0), plan.note
+
+
+def test_explicit_eval_sizes_are_kept_and_cpu_replicas_follow_the_training_workers(real_counts):
+    from fjordtune.preflight.gate import plan_eval
+
+    job = load_job(REAL, [*OFFLINE, "eval.num_workers=3", "eval.gpus_per_worker=8"])
+    assert (plan_eval(job, real_counts).replicas, plan_eval(job, real_counts).gpus_per_replica) == (3, 8)
+    cpu = load_job(ROOT / "jobs" / "demo.yaml")
+    assert cpu.eval.num_workers == "auto"
+    assert (plan_eval(cpu).replicas, plan_eval(cpu).gpus_per_replica) == (cpu.resources.num_workers, 0)
+    with pytest.raises(Exception, match="eval.num_workers"):
+        load_job(REAL, [*OFFLINE, "eval.num_workers=0"])
+
+
+def test_a_model_no_node_can_hold_is_refused_naming_the_node_size(real_counts):
+    from fjordtune.preflight.gate import check
+
+    job = load_job(REAL, [*OFFLINE, "resources.gpus_per_node=2", "resources.num_workers=2"])
+    with pytest.raises(PreflightRefused) as err:
+        check(job, counts=real_counts)
+    text = "\n".join(err.value.lines)
+    assert "eval: REFUSED" in text and "more than a node's 2" in text, text

@@ -198,7 +198,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_preflight_refuses_an_eval_actor_larger_than_gpus_per_node():
-    out = _cli("preflight", str(REAL), *OFFLINE, "--set", "resources.gpus_per_node=2", "--json")
+    out = _cli("preflight", str(REAL), *OFFLINE, "--set", "resources.gpus_per_node=2",
+                "--set", "eval.gpus_per_worker=4", "--json")
     assert out.returncode == 2, out.stderr
     data = json.loads(out.stdout)
     assert not data["fits"] and not data["placement"]["fits"]

@@ -119,9 +119,10 @@ def evaluate(job: JobSpec, *, output_dir: str | Path, adapter_uri: str | None = 
     model_uri = stage_model(job, store)
     connect_ray(job)
     label = label or ("tuned" if adapter_uri else "base")
-    say(f"== eval {label}: {len(job.eval.tasks)} task pattern(s) on {job.eval.num_workers} Ray Data workers")
+    say(f"== eval {label}: {len(job.eval.tasks)} task pattern(s) on Ray Data scoring replicas")
     results = run_eval(job, model_uri=model_uri, adapter_uri=adapter_uri, label=label, output_dir=output_dir)
-    say(f"== eval {label} done: {len(results['tasks'])} tasks, {results['num_requests']} requests in "
+    reused = f" ({results['num_reused']} reused from {results['results_uri']})" if results.get("num_reused") else ""
+    say(f"== eval {label} done: {len(results['tasks'])} tasks, {results['num_requests']} requests{reused} in "
         f"{results['seconds']} s -> {Path(output_dir) / 'results.json'}")
     return results
 

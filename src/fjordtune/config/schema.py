@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 #: LoRA targets that cover Mistral4's MLA attention projections (there is no k_proj / v_proj).
 MISTRAL4_ATTENTION_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
@@ -193,10 +193,14 @@ class EvalSection(Section):
         "and off without it. true needs apply_chat_template.",
     )
     batch_size: int = Field(default=16, gt=0, description="Requests per scoring batch on each eval worker.")
-    num_workers: int = Field(default=2, gt=0, description="Ray Data scoring actors, each holding a whole model.")
-    gpus_per_worker: int = Field(
-        default=1, gt=0, description="GPUs per scoring actor (with resources.use_gpu). A model larger than one "
-        "GPU is spread over them (device_map='auto'); preflight refuses a model that does not fit.",
+    num_workers: PositiveInt | Literal["auto"] = Field(
+        default="auto", description="Scoring replicas (Ray Data actors), each holding a whole model. auto: on "
+        "GPUs as many as the cluster holds at once (every GPU busy), on CPUs resources.num_workers.",
+    )
+    gpus_per_worker: PositiveInt | Literal["auto"] = Field(
+        default="auto", description="GPUs per scoring replica (with resources.use_gpu), on one node. auto: the "
+        "fewest that hold the model and a batch, from preflight's inference estimate. A replica on several GPUs "
+        "spreads its layers over them (device_map='auto'; docs/evaluation.md says what that costs).",
     )
     limit: int | None = Field(
         default=None, gt=0, description="Score only the first N docs per task. Full evaluation is the default: "

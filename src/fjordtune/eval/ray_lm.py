@@ -86,7 +86,7 @@ class RayDataLM(TemplateLM):
                  cache_dir: str | None = None,
                  actor_start_timeout_s: float = ACTOR_START_TIMEOUT_S,
                  chat_template_args: dict[str, Any] | None = None, results: Any = None,
-                 max_restarts: int = 2) -> None:
+                 max_restarts: int = 2, fill_cluster: bool = False) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.model_uri, self.adapter_uri, self.dtype = model_uri, adapter_uri, dtype
@@ -98,6 +98,8 @@ class RayDataLM(TemplateLM):
         self.results = results
         """`eval.units.ResultStore` where unit results are stored and found again; None: nothing stored."""
         self.max_restarts = max_restarts
+        self.fill_cluster = fill_cluster
+        """Start as many replicas as the live cluster holds at once (`eval.num_workers: auto` on GPUs)."""
         self.num_scored = self.num_reused = self.units_reused = 0
         self.scored_units: list[str] = []
         """Keys of the units scored by this process's evaluations, one entry per scoring (tests count them)."""
@@ -105,6 +107,7 @@ class RayDataLM(TemplateLM):
         """Keys of the units whose stored results were used instead (found before scoring started, or by an
         actor retrying a unit that a killed actor had already stored)."""
         self.tokens_full = self.tokens_shared = 0
+        self._encoded: dict[tuple[str, bool | None], tuple[int, ...]] = {}
         """Tokens full-sequence scoring would forward, and what shared contexts forward instead."""
         self.chat_template_args = dict(chat_template_args or {})  # to the tokenizer's template, as hf's
 
@@ -122,11 +125,49 @@ class RayDataLM(TemplateLM):
         return str(self.tokenizer.name_or_path).replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        # a question's context is encoded once per choice by lm-eval: remember it (a copy out, never shared)
+        key = (string, add_special_tokens)
+        found = self._encoded.get(key)
+        if found is None:
+            kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+            bos = self.tokenizer.bos_token
+            if add_special_tokens is None and bos and string.startswith(bos):
+                kw["add_special_tokens"] = False
+            found = self._encoded[key] = tuple(self.tokenizer.encode(string, **kw))
+        return list(found)
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's own request tokenization (`TemplateLM.loglikelihood`), its strings encoded beforehand
+        in a few batched tokenizer calls instead of two calls per request (4.4 of lm-eval's 7.5 s on
+        14,475 requests). Any string not foreseen here is still encoded one by one, as before."""
+        wanted: set[tuple[str, bool | None]] = set()
+        for context, continuation in (r.args for r in requests):
+            if context == "":
+                wanted.add((continuation, False))
+                continue
+            spaces = len(context) - len(context.rstrip())  # lm-eval moves trailing spaces to the continuation
+            if spaces:
+                continuation, context = context[-spaces:] + continuation, context[:-spaces]
+            wanted.update(((context + continuation, None), (context, None)))
+        self._encode_many(sorted(wanted, key=lambda k: (k[0], str(k[1]))))
+        return super().loglikelihood(requests, disable_tqdm=True)
+
+    def _encode_many(self, keys: list[tuple[str, bool | None]], chunk: int = 4096) -> None:
+        groups: dict[bool | None, list[str]] = {}
         bos = self.tokenizer.bos_token
-        if add_special_tokens is None and bos and string.startswith(bos):
-            kw["add_special_tokens"] = False
-        return self.tokenizer.encode(string, **kw)
+        for string, add_special in keys:
+            effective = False if add_special is None and bos and string.startswith(bos) else add_special
+            groups.setdefault(effective, []).append(string)
+        by_effective: dict[tuple[str, bool | None], tuple[int, ...]] = {}
+        for effective, strings in groups.items():
+            kw = {} if effective is None else {"add_special_tokens": effective}
+            for start in range(0, len(strings), chunk):
+                part = strings[start : start + chunk]
+                for string, ids in zip(part, self.tokenizer(part, **kw)["input_ids"], strict=True):
+                    by_effective[(string, effective)] = tuple(ids)
+        for string, add_special in keys:
+            effective = False if add_special is None and bos and string.startswith(bos) else add_special
+            self._encoded[(string, add_special)] = by_effective[(string, effective)]
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         from fjordtune.eval.chat import render_chat
@@ -173,6 +214,7 @@ class RayDataLM(TemplateLM):
         missing = [i for i, r in enumerate(out) if r is None]
         if missing:
             raise RuntimeError(f"{len(missing)} requests came back unscored (first: {missing[:5]})")
+        self._encoded.clear()  # scored: the next request type starts afresh
         return out  # type: ignore[return-value]
 
     @staticmethod
@@ -248,7 +290,10 @@ class RayDataLM(TemplateLM):
         shape = ClusterShape(source="the connected Ray cluster", groups=tuple(
             NodeGroup(name=f"node {i}", gpus=int(r.get("GPU", 0)), cpus=float(r.get("CPU", 0)), num_nodes=1)
             for i, r in enumerate(alive)))
-        placed = place_eval(shape, num_actors=self.num_workers, gpus_per_actor=self.gpus_per_worker if self.use_gpu
+        # filling the cluster: every replica its GPUs hold at once (a GPU count is the bound, never CPUs alone)
+        wanted = max(self.num_workers, sum(int(r.get("GPU", 0)) for r in alive)) if self.fill_cluster \
+            else self.num_workers
+        placed = place_eval(shape, num_actors=wanted, gpus_per_actor=self.gpus_per_worker if self.use_gpu
                             else 0, cpus_per_actor=self.cpus_per_worker)
         if not placed.fits:
             seen = Counter((r.get("CPU", 0), r.get("GPU", 0)) for r in alive)
@@ -258,7 +303,7 @@ class RayDataLM(TemplateLM):
                 f"connected Ray cluster has them (nodes: {have}); it holds the whole model and cannot span "
                 "nodes: use nodes with enough GPUs and CPUs, or lower eval.gpus_per_worker / "
                 "resources.cpus_per_worker (`fjordtune preflight JOB --cluster FILE` checks this before submitting)")
-        if placed.concurrent < self.num_workers:
+        if placed.concurrent < self.num_workers and not self.fill_cluster:
             log.warning("%s: eval.num_workers=%d scoring actors requested, but the cluster holds %d at once "
                         "(%s each): starting %d", self.name, self.num_workers, placed.concurrent,
                         self._actor_needs(), placed.concurrent)

@@ -34,7 +34,9 @@ MAX_WORKERS_SEARCHED = 64
 
 
 EVAL_TOKENS_PER_REQUEST = 1024
-"""Tokens assumed per scored request for the logits term (NorEval prompts are far shorter, 0-shot)."""
+"""Tokens assumed per scored request for the KV cache term (NorEval prompts are far shorter, 0-shot)."""
+EVAL_CONTINUATION_TOKENS = 64
+"""Tokens assumed per continuation for the fp32 logits term (NorEval choices are a few words)."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,12 @@ class EvalEstimate:
     runtime_bytes: int
     gpus_per_worker: int
     usable_bytes: int  # over all of the actor's GPUs
+    kv_cache_bytes: int = 0
+    """A batch's contexts in the KV cache, copied once per continuation (shared-context scoring)."""
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.logits_bytes + self.runtime_bytes
+        return self.weights_bytes + self.logits_bytes + self.kv_cache_bytes + self.runtime_bytes
 
     @property
     def fits(self) -> bool:
@@ -57,7 +61,8 @@ class EvalEstimate:
 
     def line(self) -> str:
         return (f"eval: {self.total_bytes / GiB:.1f} GiB per scoring actor (weights {self.weights_bytes / GiB:.1f}, "
-                f"logits {self.logits_bytes / GiB:.1f}, runtime {self.runtime_bytes / GiB:.1f}) on "
+                f"logits {self.logits_bytes / GiB:.1f}, KV cache {self.kv_cache_bytes / GiB:.1f}, "
+                f"runtime {self.runtime_bytes / GiB:.1f}) on "
                 f"{self.gpus_per_worker} GPU(s), {self.usable_bytes / GiB:.1f} GiB usable")
 
 
@@ -158,28 +163,78 @@ def capacity(job: JobSpec) -> tuple[int, str]:
     return int(psutil.virtual_memory().available / job.resources.num_workers), "cpu"
 
 
-def estimate_eval(job: JobSpec, counts: ParamCounts, capacity_bytes: int) -> EvalEstimate:
-    """One scoring actor holds the whole base model (bf16/fp32) and the adapter (fp32, as peft loads it)."""
+def estimate_eval(job: JobSpec, counts: ParamCounts, capacity_bytes: int, *, gpus: int | None = None) -> EvalEstimate:
+    """One scoring replica holds the whole base model (bf16/fp32; the adapter is merged into it at load,
+    its fp32 copy freed), a batch's KV cache (every request's copy of its context) and the logits of the
+    continuations (a context's last position only: shared-context scoring)."""
     from fjordtune.preflight.estimate import DEFAULT_RUNTIME_OVERHEAD_BYTES
 
     pb = 2 if job.model.dtype == "bfloat16" else 4
-    gpus = job.eval.gpus_per_worker
+    gpus = gpus or (job.eval.gpus_per_worker if isinstance(job.eval.gpus_per_worker, int) else 1)
     return EvalEstimate(
         weights_bytes=counts.total_params * pb + counts.lora_params * 4,
-        logits_bytes=job.eval.batch_size * EVAL_TOKENS_PER_REQUEST * counts.vocab_size * pb,
+        logits_bytes=job.eval.batch_size * EVAL_CONTINUATION_TOKENS * counts.vocab_size * 4,
+        kv_cache_bytes=job.eval.batch_size * EVAL_TOKENS_PER_REQUEST * counts.num_layers * (counts.k_dim + counts.v_dim)
+        * pb,
         runtime_bytes=DEFAULT_RUNTIME_OVERHEAD_BYTES * gpus,
         gpus_per_worker=gpus,
         usable_bytes=usable_bytes(capacity_bytes, job.resources.memory_headroom) * gpus,
     )
 
 
-def placement(job: JobSpec, cluster: ClusterShape | None = None) -> Placement:
+@dataclass(frozen=True)
+class EvalPlan:
+    """How many scoring replicas, and how many GPUs each: what `eval.num_workers` / `eval.gpus_per_worker`
+    say, or with `auto` what preflight's inference estimate and `resources.gpus_per_node` give."""
+
+    replicas: int
+    gpus_per_replica: int
+    """0 on CPUs."""
+    auto_replicas: bool
+    note: str
+
+    def line(self) -> str:
+        return f"eval plan: {self.note}"
+
+
+def plan_eval(job: JobSpec, counts: ParamCounts | None = None, capacity_bytes: int | None = None) -> EvalPlan:
+    """Replicas and GPUs per replica. GPUs per replica (auto): the fewest, up to a node's, whose memory holds
+    the model and a batch. Replicas (auto): every GPU of the nodes the training ranks fill, in replicas of
+    that size (at run time: as many as the live cluster holds at once)."""
+    e = job.eval
+    auto = e.num_workers == "auto"
+    if not job.resources.use_gpu:
+        n = job.resources.num_workers if auto else int(e.num_workers)
+        return EvalPlan(n, 0, auto, f"{n} CPU scoring replica(s)" + (" (resources.num_workers)" if auto else ""))
+    per_node = job.resources.gpus_per_node
+    if isinstance(e.gpus_per_worker, int):
+        g, why = e.gpus_per_worker, "eval.gpus_per_worker"
+    else:
+        counts = counts or count(job)
+        cap = capacity_bytes if capacity_bytes is not None else capacity(job)[0]
+        fitting = [g for g in range(1, per_node + 1) if estimate_eval(job, counts, cap, gpus=g).fits]
+        g = fitting[0] if fitting else per_node
+        need = estimate_eval(job, counts, cap, gpus=g)
+        why = (f"the fewest GPUs that hold {need.total_bytes / GiB:.0f} GiB" if fitting
+               else f"no {per_node} GPUs of a node hold {need.total_bytes / GiB:.0f} GiB")
+    nodes = -(-job.resources.num_workers // per_node)
+    n = nodes * max(1, per_node // g) if auto else int(e.num_workers)
+    used = n * g
+    idle = nodes * per_node - used if auto else None
+    note = (f"{n} replica(s) x {g} GPU(s) ({why}); " +
+            (f"{used} of the {nodes * per_node} GPUs of {nodes} node(s) busy" + (f", {idle} idle" if idle else "")
+             if auto else "eval.num_workers"))
+    return EvalPlan(n, g, auto, note)
+
+
+def placement(job: JobSpec, cluster: ClusterShape | None = None, plan: EvalPlan | None = None) -> Placement:
     """Training ranks and eval actors on `cluster`'s nodes, or on nodes of `resources.gpus_per_node` GPUs."""
+    plan = plan or plan_eval(job)
     return check_placement(
         cluster or shape_from_gpus_per_node(job.resources.gpus_per_node, use_gpu=job.resources.use_gpu),
         num_workers=job.resources.num_workers, use_gpu=job.resources.use_gpu,
         cpus_per_worker=job.resources.cpus_per_worker,
-        eval_actors=job.eval.num_workers if job.eval.models else None, gpus_per_eval_actor=job.eval.gpus_per_worker,
+        eval_actors=plan.replicas if job.eval.models else None, gpus_per_eval_actor=max(1, plan.gpus_per_replica),
     )
 
 
@@ -224,21 +279,27 @@ def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = Non
         )
     )
     lines = [f"== preflight {job.name}", counts.lora_coverage(), est.table(), verdict]
-    ev = estimate_eval(job, counts, cap) if device == "gpu" and job.eval.models else None
+    plan = plan_eval(job, counts, cap) if job.eval.models else None
+    ev = estimate_eval(job, counts, cap, gpus=plan.gpus_per_replica) if plan and device == "gpu" else None
+    if plan is not None:
+        lines.append(plan.line())
     if ev is not None:
         if ev.fits:
             lines.append(ev.line().replace("eval: ", "eval: fits: ", 1))
         else:
             per_gpu = usable_bytes(cap, headroom)
             need = -(-(ev.total_bytes - ev.runtime_bytes) // (per_gpu - ev.runtime_bytes // ev.gpus_per_worker))
+            fix = (f"set eval.gpus_per_worker: {need} (or more, or auto)" if need <= job.resources.gpus_per_node
+                   else f"that is {need} GPUs, more than a node's {job.resources.gpus_per_node} "
+                   "(resources.gpus_per_node): use GPUs with more memory or nodes with more of them")
             lines.append(ev.line().replace("eval: ", "eval: REFUSED: ", 1) + "; a scoring actor holds the whole "
-                         f"model: set eval.gpus_per_worker: {need} (or more)")
+                         f"model: {fix}")
             fits = False
     min_gpus = None
     if device == "gpu":
         min_gpus = min_workers(counts, capacity_bytes=cap, headroom_fraction=headroom,
                                max_workers=max(MAX_WORKERS_SEARCHED, job.resources.num_workers), **kwargs)
-    placed = placement(job, cluster)
+    placed = placement(job, cluster, plan)
     lines.extend(placed.lines())
     fits = fits and placed.fits
     stored = checkpoint_bytes_per_param(full_config)

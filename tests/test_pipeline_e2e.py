@@ -169,3 +169,37 @@ def test_eval_cli_writes_results_json_equal_to_the_pipelines(full_run, tmp_path)
         assert {"acc", "n"} <= entry.keys()
         for metric in ("acc", "acc_norm", "n"):
             assert entry.get(metric) == want["tasks"][name].get(metric), (name, metric)
+
+
+def test_a_second_run_reuses_the_base_models_stored_results(full_run, tmp_path):
+    """Base results are stored by model commit (and the requests, which encode tasks, shots and template):
+    `run` again and the base model is not scored again; change the shots and it is."""
+    from fjordtune import pipeline
+    from fjordtune.config import load_job
+
+    job, out, _ = full_run
+    pipeline.run(job, output_dir=tmp_path / "again")
+    first = json.loads((out / "base" / "results.json").read_text())
+    second = json.loads((tmp_path / "again" / "base" / "results.json").read_text())
+    assert first["num_scored"] == first["num_requests"] > 0 and first["num_reused"] == 0
+    assert (second["num_scored"], second["num_reused"]) == (0, first["num_requests"])
+    assert second["results_uri"] == first["results_uri"] and second["results_uri"].startswith(job.storage.uri)
+    for name, entry in first["tasks"].items():
+        assert {m: second["tasks"][name].get(m) for m in ("acc", "acc_norm")} == \
+            {m: entry.get(m) for m in ("acc", "acc_norm")}
+    other_shots = pipeline.evaluate(load_job(DEMO, small("e2e", "eval.num_fewshot=1")), output_dir=tmp_path / "1-shot",
+                                    label="base")
+    assert other_shots["num_scored"] > 0
+
+
+def test_a_bad_fewshot_pattern_fails_before_training(ray_s3, tmp_path):
+    from fjordtune import pipeline
+    from fjordtune.config import load_job
+    from fjordtune.errors import UserError
+
+    job = load_job(DEMO, small("badshots", "eval.num_fewshot={nrk_quiz_qa_nbo_*: 2}"))
+    with pytest.raises(UserError, match=r"eval.num_fewshot.nrk_quiz_qa_nbo_\*"):
+        pipeline.run(job, output_dir=tmp_path)
+    from fjordtune.storage import Store
+
+    assert not Store().list_objects(f"{job.run_uri}"), "nothing may be written before the check"

@@ -145,6 +145,10 @@ def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
     out = Path(output_dir)
     say(f"== fjordtune run {job.name}: storage {job.run_uri}, local output {out.resolve()}")
     Store.for_job(job).check_bucket(job.storage.uri)  # seconds, before the estimate and any GPU
+    if job.eval.models:  # eval.tasks / eval.num_fewshot typos: now, not after training
+        from fjordtune.eval.run import check_tasks
+
+        say(f"== eval tasks: {len(check_tasks(job))} lm-eval tasks, checked")
     estimate = preflight(job)
     info = train(job, predicted_peak_bytes=estimate.estimate.total_bytes)
     base = tuned = None

@@ -96,6 +96,16 @@ def leaf_tasks(task_dict: Any) -> dict[str, Any]:
     return out
 
 
+def check_tasks(job: JobSpec) -> list[str]:
+    """The job's task names, `eval.tasks` and `eval.num_fewshot` patterns checked against lm-eval's
+    registry: `run` calls this before training, so a typo fails in seconds, not after hours of GPU time."""
+    from fjordtune.eval.noreval import fewshot_counts
+
+    names = expand_tasks(job.eval.tasks, known=list(task_manager().all_tasks))
+    fewshot_counts(names, job.eval.num_fewshot)
+    return names
+
+
 def build_tasks(job: JobSpec) -> tuple[list[str], Any]:
     """The job's tasks, built as lm-eval's `simple_evaluate` builds them (few-shot counts, seed), with
     NorEval's scored questions kept out of their own few-shot examples. Returns (names, task dict)."""

@@ -123,3 +123,23 @@ def test_units_keep_a_context_together_and_are_deterministic():
     full, shared = token_counts(reqs)
     assert full == sum(len(c) + len(k) - 1 for c, k in reqs)
     assert shared == sum(len(k) - 1 for _, k in reqs) + sum(len(c) for c in {tuple(c) for c in ctxs})
+
+
+def test_progress_says_how_far_how_fast_and_when_done(caplog, monkeypatch):
+    import logging
+
+    from fjordtune.eval import ray_lm
+
+    clock = iter([0.0, 10.0, 20.0, 30.0, 30.0])
+    monkeypatch.setattr(ray_lm.time, "monotonic", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="fjordtune.eval.ray_lm"):
+        progress = ray_lm.EvalProgress("base", total=400, every_s=5)
+        progress.update(100)  # t=10: 10 requests/s, 300 left
+        progress.update(100)  # t=20
+        progress.update(200)  # t=30: done
+        progress.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "base: 100/400 requests (25.0%), 10.0 requests/s, ETA 0m30s", lines
+    assert lines[1].startswith("base: 200/400 requests (50.0%)") and lines[1].endswith("ETA 0m20s")
+    assert lines[-1].startswith("base: 400/400 requests (100.0%)") and lines[-1].endswith("done")
+    assert ray_lm._duration(3725) == "1h02m" and ray_lm._duration(None) == "unknown"

@@ -25,6 +25,24 @@ def explain(model: type[BaseModel] = JobSpec, prefix: str = "") -> str:
             default = "(required)"
         else:
             default = repr(field.default)
-        kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        kind = _type_name(field.annotation)
         lines.append(f"  {path:<36} {kind:<14} {default}\n      {field.description or ''}")
     return "\n".join(lines).lstrip("\n")
+
+
+def _type_name(annotation: object) -> str:
+    """`int | 'auto'` rather than `Union` or `Annotated[int, ...]`: what a user may write."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if origin is not None:  # list[str], dict[str, int]
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

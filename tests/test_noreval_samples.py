@@ -377,3 +377,16 @@ def test_sft_sample_does_not_overlap_the_noreval_samples():
         for q in questions:
             b = set(words(q))
             assert len(a & b) / len(a | b) < 0.5, (text, q)
+
+
+def test_a_pattern_expands_to_tasks_not_to_the_tags_that_group_them():
+    from fjordtune.eval.run import expand_tasks, task_manager
+
+    tm = task_manager()
+    got = expand_tasks(["nrk_quiz_qa_*"], known=list(tm.all_tasks), leaves=list(tm.all_subtasks))
+    assert got == [f"nrk_quiz_qa_{lang}_p{k}" for lang in ("nno", "nob") for k in range(5)]
+    # without the leaf list the tags come along (what used to break the NorEval builder)
+    assert "nrk_quiz_qa_nob" in expand_tasks(["nrk_quiz_qa_*"], known=list(tm.all_tasks))
+    # a tag named in full is still accepted
+    assert expand_tasks(["nrk_quiz_qa_nob"], known=list(tm.all_tasks), leaves=list(tm.all_subtasks)) == \
+        ["nrk_quiz_qa_nob"]

@@ -120,6 +120,10 @@ def test_units_keep_a_context_together_and_are_deterministic():
     changed = [(c, k + [1]) if i == 0 else (c, k) for i, (c, k) in enumerate(reqs)]
     assert plan_units(changed, batch_size=8)[0].key != units[0].key or units[0].indices[0] != 0
     assert len({u.key for u in plan_units(changed, batch_size=8)} ^ {u.key for u in units}) == 2
+    for u in units:  # what an actor receives is what was planned, each context sent once
+        ctx, cont = u.requests_of(u.payload())
+        assert [tuple(c) for c in ctx] == list(u.contexts) and [tuple(c) for c in cont] == list(u.continuations)
+        assert u.payload().count(",".join(map(str, u.contexts[0]))) == 1
     full, shared = token_counts(reqs)
     assert full == sum(len(c) + len(k) - 1 for c, k in reqs)
     assert shared == sum(len(k) - 1 for _, k in reqs) + sum(len(c) for c in {tuple(c) for c in ctxs})

@@ -69,11 +69,19 @@ def cache_prompt_templates() -> bool:
     return True
 
 
-def expand_tasks(patterns: list[str], *, known: list[str]) -> list[str]:
-    """Expand shell-style patterns against the registered task names, keeping order and uniqueness."""
+def expand_tasks(patterns: list[str], *, known: list[str], leaves: list[str] | None = None) -> list[str]:
+    """Expand shell-style patterns against the registered task names, keeping order and uniqueness.
+
+    With `leaves` (lm-eval's `all_subtasks`), a pattern expands to tasks only: `nrk_quiz_qa_*` means the
+    ten prompt tasks, not also the tags `nrk_quiz_qa_nob`/`_nno` that group them. A name given in full may
+    still be a group or a tag."""
     out: list[str] = []
+    leaf_set = set(leaves) if leaves is not None else None
     for pat in patterns:
-        hits = fnmatch.filter(known, pat) if any(c in pat for c in "*?[") else ([pat] if pat in known else [])
+        if any(c in pat for c in "*?["):
+            hits = [h for h in fnmatch.filter(known, pat) if leaf_set is None or h in leaf_set]
+        else:
+            hits = [pat] if pat in known else []
         if not hits:
             import difflib
 
@@ -101,7 +109,8 @@ def check_tasks(job: JobSpec) -> list[str]:
     registry: `run` calls this before training, so a typo fails in seconds, not after hours of GPU time."""
     from fjordtune.eval.noreval import fewshot_counts
 
-    names = expand_tasks(job.eval.tasks, known=list(task_manager().all_tasks))
+    tm = task_manager()
+    names = expand_tasks(job.eval.tasks, known=list(tm.all_tasks), leaves=list(tm.all_subtasks))
     fewshot_counts(names, job.eval.num_fewshot)
     return names
 
@@ -112,7 +121,7 @@ def build_tasks(job: JobSpec) -> tuple[list[str], Any]:
     from fjordtune.eval.noreval import DEFAULT_FEWSHOT_SEED, apply_fewshot, build_task_dict, load_registered
 
     tm = task_manager()
-    names = expand_tasks(job.eval.tasks, known=list(tm.all_tasks))
+    names = expand_tasks(job.eval.tasks, known=list(tm.all_tasks), leaves=list(tm.all_subtasks))
     if job.eval.data_dir:
         task_dict = build_task_dict(names, job.eval.data_dir, num_fewshot=job.eval.num_fewshot, task_manager=tm,
                                     fewshot_seed=DEFAULT_FEWSHOT_SEED)

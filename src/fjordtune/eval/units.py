@@ -50,12 +50,16 @@ class Unit:
     continuations: tuple[tuple[int, ...], ...]
 
     def payload(self) -> str:
-        return json.dumps([self.contexts, self.continuations], separators=(",", ":"))
+        """The requests as sent to an actor: each distinct context once (a question's 4-5 choices share it,
+        and with 16-shot prompts it is thousands of tokens)."""
+        index: dict[tuple[int, ...], int] = {}
+        owner = [index.setdefault(ctx, len(index)) for ctx in self.contexts]
+        return json.dumps([list(index), owner, self.continuations], separators=(",", ":"))
 
     @staticmethod
     def requests_of(payload: str) -> tuple[list[list[int]], list[list[int]]]:
-        ctx, cont = json.loads(payload)
-        return ctx, cont
+        contexts, owner, continuations = json.loads(payload)
+        return [contexts[i] for i in owner], continuations
 
 
 def _unit_key(contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> str:

@@ -772,7 +772,7 @@ def _job_and_counts() -> tuple[Any, Any]:
 @pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: str(p.relative_to(CLUSTER_DIR)))
 def test_every_cluster_file_places_the_shipped_job(path: Path) -> None:
     """All 7 ranks on one node (NCCL on NVLink), and after training every eval actor at once."""
-    from fjordtune.preflight.gate import check, placement
+    from fjordtune.preflight.gate import check, placement, plan_eval
     from fjordtune.preflight.placement import read_cluster_file
 
     job, counts = _job_and_counts()
@@ -781,8 +781,11 @@ def test_every_cluster_file_places_the_shipped_job(path: Path) -> None:
     placed = placement(job, shape)
     assert placed.fits and not placed.warnings, placed.lines()
     assert placed.train.ranks_per_node == (job.resources.num_workers,) == (7,)
-    assert placed.eval is not None and placed.eval.concurrent == job.eval.num_workers == 2
-    assert placed.eval.gpus_per_actor == job.eval.gpus_per_worker == 4
+    # the shipped job leaves the eval's size to preflight: 2 replicas x 4 H100s, all 8 GPUs of the node
+    assert (job.eval.num_workers, job.eval.gpus_per_worker) == ("auto", "auto")
+    plan = plan_eval(job, counts)
+    assert placed.eval is not None and placed.eval.concurrent == plan.replicas == 2
+    assert placed.eval.gpus_per_actor == plan.gpus_per_replica == 4
     report = check(job, counts=counts, cluster=shape)
     assert report.fits and report.as_dict()["placement"]["train"]["nodes_spanned"] == 1
 

@@ -136,7 +136,8 @@ class Scorer:
         later: dict[int, torch.Tensor] = {}
         if rest:
             cache = first.cache
-            cache.batch_select_indices(torch.tensor([owner[i] for i in rest], device=self.device))
+            # CPU indices: with device_map each layer's cache lives on its own GPU, and indexing accepts them
+            cache.batch_select_indices(torch.tensor([owner[i] for i in rest]))
             tails = [pairs[i][1][:-1] for i in rest]
             tail_ids, tail_mask = _pad(tails, left=False)
             start = torch.tensor([len(ctxs[owner[i]]) for i in rest]).unsqueeze(-1)

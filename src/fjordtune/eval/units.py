@@ -181,7 +181,13 @@ class ResultStore:
                 if rel.startswith("units/") and rel.endswith(".json")}
 
     def read(self, key: str) -> list[tuple[float, bool]] | None:
-        data = self.store.get_object(self._unit_uri(key))
+        """A unit's stored results; None when there are none, or when storage cannot be read (the unit
+        is then scored: a storage outage costs work, never the eval)."""
+        try:
+            data = self.store.get_object(self._unit_uri(key))
+        except FjordtuneError as e:
+            log.warning("stored results of unit %s unreadable (%s); scoring it", key, str(e).splitlines()[0])
+            return None
         if data is None:
             return None
         try:

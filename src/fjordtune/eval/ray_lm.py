@@ -259,10 +259,11 @@ class RayDataLM(TemplateLM):
                 progress.update(len(unit.indices))
         except Exception as e:  # a bad model folder on an actor is the user's error, not a crash
             reraise_as_fjordtune(e)
-            if _actor_died(e) is not None:
+            cause = _actor_died(e)
+            if cause is not None:
                 raise InfraError(
                     f"eval {self.name}: a scoring actor died {self.max_restarts + 1} times, the last time with: "
-                    f"{_actor_died(e)}; {progress.done} of {progress.total} requests were scored and stored: "
+                    f"{cause}; {progress.done} of {progress.total} requests were scored and stored: "
                     "the next run scores only the rest (eval.max_restarts sets the restarts)") from None
             if not _actor_start_timed_out(e):
                 raise

@@ -261,10 +261,12 @@ class RayDataLM(TemplateLM):
             reraise_as_fjordtune(e)
             cause = _actor_died(e)
             if cause is not None:
+                kept = ("were scored and stored: the next run scores only the rest" if self.results is not None
+                        else "were scored, none stored (eval.cache is off)")
                 raise InfraError(
                     f"eval {self.name}: a scoring actor died {self.max_restarts + 1} times, the last time with: "
-                    f"{cause}; {progress.done} of {progress.total} requests were scored and stored: "
-                    "the next run scores only the rest (eval.max_restarts sets the restarts)") from None
+                    f"{cause}; {progress.done} of {progress.total} requests {kept} "
+                    "(eval.max_restarts sets the restarts)") from None
             if not _actor_start_timed_out(e):
                 raise
             timed_out = True

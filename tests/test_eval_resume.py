@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def ray_local(s3_server):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in s3_server.env.items():
             mp.setenv(key, value)
+        mp.setenv(*SESSION.split("=", 1))
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
         yield
         ray.shutdown()
@@ -43,17 +45,24 @@ def bucket(s3_env):
     return s3_env
 
 
+SESSION = f"FJORDTUNE_TEST_RAY={uuid.uuid4().hex}"
+"""Put into this module's Ray cluster's environment: the kills below touch only its own actors, never
+those of another test run on the same machine."""
+
+
 def score_actors() -> list[int]:
-    """PIDs of live Ray Data scoring actors (Ray names their processes after the map's class)."""
+    """PIDs of this module's live Ray Data scoring actors (Ray names their processes after the map's class)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
+                if not (cmd.startswith("ray::") and "ScoreActor" in cmd):
+                    continue
+                if SESSION.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
             except OSError:
                 continue
-            if cmd.startswith("ray::") and "ScoreActor" in cmd:
-                pids.append(int(entry.name))
     return pids
 
 

@@ -62,9 +62,10 @@ def read_tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def kill_during(server: FaultyS3, upload, *, first_put: str) -> BaseException | None:
+def kill_during(server: FaultyS3, upload, *, first_put: str, prefix: str | None = None) -> BaseException | None:
     """Run `upload()` in a thread; SIGKILL the server once the first PUT matching `first_put` was
-    served; return what the upload raised (None if it finished)."""
+    served (and, with `prefix`, once an object under that key prefix is listed: a PUT in the access
+    log is not yet a stored object); return what the upload raised (None if it finished)."""
     before = server.requests(first_put)
     outcome: list[BaseException | None] = []
 
@@ -78,6 +79,12 @@ def kill_during(server: FaultyS3, upload, *, first_put: str) -> BaseException | 
     t = threading.Thread(target=run)
     t.start()
     server.wait_for(first_put, count=before + 1, timeout=60)
+    if prefix is not None:
+        lister = fast_store().s3
+        deadline = time.monotonic() + 60
+        while not lister.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("KeyCount"):
+            assert time.monotonic() < deadline, f"nothing under {prefix} within 60 s"
+            time.sleep(0.005)
     server.kill()
     t.join(timeout=120)
     assert not t.is_alive(), "the upload never gave up on a dead server"
@@ -130,7 +137,8 @@ def test_killed_checkpoint_upload_is_never_used_for_resume(server: FaultyS3, tmp
 
     save = lambda: save_checkpoint(BytesCore(40 << 20, 2), store, run, step=2, epoch=0,  # noqa: E731
                                    metrics={"loss": 1.5}, keep=3, sleep=no_wait)
-    error = kill_during(server, save, first_put=r'PUT "/fjt-faults/runs/ckpt/checkpoints/step-00000002/commits/')
+    error = kill_during(server, save, first_put=r'PUT "/fjt-faults/runs/ckpt/checkpoints/step-00000002/commits/',
+                        prefix="runs/ckpt/checkpoints/step-00000002/commits/")
     # the server stays dead through every retry: the run would stop with this one line
     assert isinstance(error, InfraError), error
     msg = str(error)
@@ -216,7 +224,10 @@ def test_training_rides_out_a_server_restart(server: FaultyS3, tmp_path: Path) -
     demo = REPO / "jobs" / "demo.yaml"
     run_name = "restart"
     sets = [f"name={run_name}", f"storage.uri=s3://{BUCKET}/runs", "train.max_steps=4", "train.checkpoint_every_steps=1",
-            "train.num_checkpoints_to_keep=5", "storage.retries=4", "storage.timeout_s=5", "eval.num_workers=1"]
+            "train.num_checkpoints_to_keep=5", "storage.timeout_s=5", "eval.num_workers=1",
+            # 6 commit attempts back off ~2+4+8+16+32 s (jittered down to half): at least 31 s for the
+            # server to come back. With 4 (7 s at least) a restart that was slow under CI load outlasted them
+            "storage.retries=6"]
     args = [sys.executable, "-m", "fjordtune", "train", str(demo), "--skip-preflight"]
     for s in sets:
         args += ["--set", s]
@@ -231,14 +242,16 @@ def test_training_rides_out_a_server_restart(server: FaultyS3, tmp_path: Path) -
             server.wait_for(step2, timeout=600)
             pointer_puts = server.requests(rf'PUT "/fjt-faults/runs/{run_name}/checkpoints/step-00000002/_COMMITTED')
             server.kill()
+            down = time.monotonic()
             time.sleep(3)
             server.restart()
+            down = time.monotonic() - down
             rc = proc.wait(timeout=600)
         finally:
             if proc.poll() is None:
                 proc.kill()
     out = log_path.read_text()
-    assert rc == 0, out[-4000:]
+    assert rc == 0, f"the server was down {down:.1f} s\n" + out[-4000:]
     assert "retrying" in out, "the retry is in the log"
     store = Store()
     infos = ckpts.list_checkpoints(store, ckpts.checkpoints_uri(f"s3://{BUCKET}/runs/{run_name}"))

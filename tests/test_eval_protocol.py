@@ -339,3 +339,22 @@ def test_protocol_records_shots_splits_exclusion_seed_and_prompt_arguments():
     plain = protocol_of(task_dict, make_job(tasks=names, chat_template_args={"enable_thinking": False}))
     assert plain["apply_chat_template"] is False and plain["fewshot_as_multiturn"] is False
     assert plain["chat_template_args"] == {} and plain["chat_template_sha256"] is None  # not applied: not recorded
+
+
+def test_a_noreval_job_indexes_noreval_alone_and_anything_else_the_whole_registry() -> None:
+    """NorEval names and patterns resolve in an index of lm-eval's `noreval` folder alone (the same YAML
+    files, so the same tasks, without indexing ~14,700 others); another benchmark or a typo gets the full
+    registry (its tasks, and its spelling suggestions)."""
+    from fjordtune.errors import UserError
+    from fjordtune.eval.run import expand_tasks, task_manager
+
+    small = task_manager(["nrk_quiz_qa_*", "noropenbookqa_nob_p0"])
+    full = task_manager()
+    assert small is not full and len(small.all_tasks) < len(full.all_tasks) / 50
+    in_noreval = sorted(n for n in full.all_subtasks if "/noreval/" in str(full.task_index[n].yaml_path))
+    assert len(in_noreval) >= 100 and sorted(small.all_subtasks) == in_noreval
+    assert small.task_index["nrk_quiz_qa_nob_p0"].yaml_path == full.task_index["nrk_quiz_qa_nob_p0"].yaml_path
+    assert task_manager(["nrk_quiz_qa_nob_p0", "arc_easy"]) is full
+    assert task_manager(["nrk_quiz_qa_nob_p9"]) is full
+    with pytest.raises(UserError, match="did you mean"):
+        expand_tasks(["nrk_quiz_qa_nob_p9"], known=list(full.all_tasks))

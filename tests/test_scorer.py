@@ -21,18 +21,29 @@ def _questions(seed: int, *, num: int = 24, vocab: int = 500) -> tuple[list[list
     return ctxs, conts
 
 
-@pytest.fixture(scope="module")
-def scorer(tiny_model_dir):
+@pytest.fixture(scope="module", params=["packed", "packed-eager", "kv-cache"])
+def scorer(tiny_model_dir, request):
+    """Every way of sharing a context: one forward pass with a 4D mask (a boolean one for sdpa, an additive
+    float one for eager attention), and a context pass followed by the continuations from its KV cache
+    (attention kernels that take no 4D mask)."""
     from fjordtune.eval.scorer import Scorer
 
-    return Scorer(str(tiny_model_dir), dtype="float32")
+    s = Scorer(str(tiny_model_dir), dtype="float32")
+    assert s.packed and s.attention == "sdpa", "the tiny model runs sdpa attention: packed by default"
+    if request.param == "packed-eager":
+        s.model.set_attn_implementation("eager")
+        s.attention = s.model.config._attn_implementation
+        assert s.attention == "eager"
+    s.packed = request.param != "kv-cache"
+    return s
 
 
 def test_shared_context_equals_full_scoring_within_1e4(scorer):
     ctxs, conts = _questions(0)
-    before = scorer.tokens_forwarded
+    before, calls = scorer.tokens_forwarded, scorer.forward_calls
     shared = scorer.score(ctxs, conts)
     shared_tokens = scorer.tokens_forwarded - before
+    assert scorer.forward_calls - calls == (1 if scorer.packed else 2)
     full = scorer.score(ctxs, conts, shared_context=False)
     full_tokens = scorer.tokens_forwarded - before - shared_tokens
     diff = max(abs(a[0] - b[0]) for a, b in zip(shared, full, strict=True))

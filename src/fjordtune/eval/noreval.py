@@ -406,6 +406,18 @@ def compact_names(names: Iterable[str]) -> str:
                      else f"{key}_p{{{','.join(map(str, prompts))}}}" for key, prompts in folded.items())
 
 
+def chance_from_samples(task: Task, samples: list[dict[str, Any]]) -> float:
+    """`chance_level` read off lm-eval's logged samples instead of the documents: a multiple-choice
+    document sends one request per choice (twice that with `acc_mutual_info`), so its `arguments` count
+    its choices. The same number without rendering every document's choices again (5 s over the full
+    NorEval sets). Without samples, `chance_level`."""
+    rows = [s for s in samples if s.get("filter", "none") == "none"]
+    if not rows or task.get_config("output_type") != "multiple_choice":
+        return chance_level(task)
+    per_choice = 2 if "acc_mutual_info" in (rows[0].get("metrics") or ()) else 1
+    return sum(per_choice / len(r["arguments"]) for r in rows) / len(rows)
+
+
 def chance_level(task: Task, *, limit: int | None = None) -> float:
     """Expected accuracy of guessing uniformly at random: the mean of 1/num_choices over the task's docs.
 

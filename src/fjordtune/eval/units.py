@@ -63,10 +63,16 @@ class Unit:
 
 
 def _unit_key(contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> str:
+    """sha256 over one line per request, `json.dumps([ctx, cont], separators=(",", ":"))`; a context shared
+    by several requests is serialized once (the same bytes)."""
     h = hashlib.sha256()
+    text: dict[tuple[int, ...], bytes] = {}  # context -> its JSON
     for ctx, cont in zip(contexts, continuations, strict=True):
-        h.update(json.dumps([list(ctx), list(cont)], separators=(",", ":")).encode())
-        h.update(b"\n")
+        key = tuple(ctx)
+        ctx_json = text.get(key)
+        if ctx_json is None:
+            ctx_json = text[key] = json.dumps(list(ctx), separators=(",", ":")).encode()
+        h.update(b"[" + ctx_json + b"," + json.dumps(list(cont), separators=(",", ":")).encode() + b"]\n")
     return h.hexdigest()[:32]
 
 

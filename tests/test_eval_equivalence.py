@@ -70,7 +70,7 @@ def test_ray_data_scores_equal_lm_eval_hf(ray_local, tiny_model_dir, num_fewshot
 def test_summarize_reports_acc_acc_norm_n_and_chance(ray_local, tiny_model_dir):
     import lm_eval.evaluator
 
-    from fjordtune.eval.noreval import build_task_dict, chance_level
+    from fjordtune.eval.noreval import build_task_dict, chance_from_samples, chance_level
     from fjordtune.eval.ray_lm import RayDataLM
     from fjordtune.eval.run import dumps_results, leaf_tasks, summarize, task_manager
     from fjordtune.eval.stats import mean_se
@@ -82,6 +82,8 @@ def test_summarize_reports_acc_acc_norm_n_and_chance(ray_local, tiny_model_dir):
     raw = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=1000, log_samples=True)
     res = summarize(raw, leaf_tasks(task_dict), chance_fn=chance_level)
     assert set(res["tasks"]) == set(TASKS)
+    for name, task in leaf_tasks(task_dict).items():  # what `evaluate` uses: the same number, off the samples
+        assert chance_from_samples(task, raw["samples"][name]) == pytest.approx(chance_level(task), abs=1e-12), name
     for name, entry in res["tasks"].items():
         assert entry["n"] > 0 and 0 <= entry["acc"] <= 1
         assert ("acc_norm" in entry) == ("truthfulqa" not in name)
@@ -132,3 +134,68 @@ def test_a_checkpoint_with_missing_weights_is_refused_on_the_actor(ray_local, ti
     with pytest.raises(UserError, match="missing keys") as err:
         lm._loglikelihood_tokens([(("a", "b"), tok.encode("Hei"), tok.encode(" du", add_special_tokens=False))])
     assert "kv_b_proj" in "\n".join(err.value.lines)
+
+
+def test_batched_encoding_gives_the_tokenizers_own_ids(tiny_model_dir, monkeypatch):
+    """The strings of a NorEval run are encoded in batches through the fast tokenizer's backend: the ids
+    equal one `tokenizer.encode` call per string (as lm-eval's `hf` makes them), with and without special
+    tokens, for a string that already starts with BOS too; a backend that disagrees is not used."""
+    from fjordtune.eval.ray_lm import RayDataLM
+    from fjordtune.model.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = [json.loads(line) for f in sorted(DATA.rglob("*.jsonl"))[:3] for line in f.read_text().splitlines()[:40]]
+    strings = sorted({str(v) for row in rows for v in row.values() if isinstance(v, str) and v.strip()})
+    strings += ["", " ", "  Svar:", "Spørsmål: Kva er hovudstaden?\nSvar: ", (tok.bos_token or "") + "Hei på deg"]
+    keys = [(s, None) for s in strings] + [(s, False) for s in strings if s]
+    assert len(keys) > 100
+
+    def reference(string, add_special):  # tok_encode's rule, one call per string
+        kw = {} if add_special is None else {"add_special_tokens": add_special}
+        if add_special is None and tok.bos_token and string.startswith(tok.bos_token):
+            kw["add_special_tokens"] = False
+        return tok.encode(string, **kw)
+
+    lm = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok)
+    assert lm._batch_encoder(strings, None).__name__ == "fast"  # the shortcut is what is under test
+    lm._encode_many(keys)
+    assert [list(lm._encoded[k]) for k in keys] == [reference(*k) for k in keys]
+
+    class Wrong:  # a backend whose ids differ from the tokenizer's own call
+        def encode_batch(self, part, add_special_tokens=True):
+            return [type("E", (), {"ids": [0]})() for _ in part]
+
+    monkeypatch.setattr(type(tok), "backend_tokenizer", property(lambda self: Wrong()))
+    lm2 = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok)
+    assert lm2._batch_encoder(strings, None).__name__ == "slow"
+    lm2._encode_many(keys)
+    assert [list(lm2._encoded[k]) for k in keys] == [reference(*k) for k in keys]
+
+
+def test_a_tensor_parallel_replica_scores_like_a_single_process_one(ray_local, tiny_model_dir):
+    """`tensor_parallel=2`: each Ray Data actor is rank 0 of a 2-process replica (its child the other rank,
+    gloo on CPU here, one process per GPU on GPUs) holding half of every split weight. The same lm-eval
+    run scores the same: accuracies identical, every request's log-likelihood within 1e-4."""
+    import lm_eval.evaluator
+
+    from fjordtune.eval.noreval import build_task_dict
+    from fjordtune.eval.ray_lm import RayDataLM
+    from fjordtune.eval.run import task_manager
+    from fjordtune.model.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    names = ["noropenbookqa_nob_p1", "nortruthfulqa_mc_nno_p2"]
+    runs = {}
+    for ranks in (1, 2):
+        lm = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, dtype="float32", num_workers=1, batch_size=32,
+                       tensor_parallel=ranks)
+        task_dict = build_task_dict(names, DATA, num_fewshot=0, task_manager=task_manager(names))
+        runs[ranks] = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=0, log_samples=True)
+        assert set(lm.replica_ranks) == {ranks} and sum(lm.replica_ranks.values()) > 0, lm.replica_ranks
+    for task in names:
+        for metric in ("acc,none", "acc_norm,none"):
+            assert runs[2]["results"][task].get(metric) == runs[1]["results"][task].get(metric), (task, metric)
+        one = [float(r[0][0]) for s in runs[1]["samples"][task] for r in s["resps"]]
+        two = [float(r[0][0]) for s in runs[2]["samples"][task] for r in s["resps"]]
+        assert len(one) == len(two) > 0
+        assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-4

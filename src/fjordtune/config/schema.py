@@ -199,8 +199,15 @@ class EvalSection(Section):
     )
     gpus_per_worker: PositiveInt | Literal["auto"] = Field(
         default="auto", description="GPUs per scoring replica (with resources.use_gpu), on one node. auto: the "
-        "fewest that hold the model and a batch, from preflight's inference estimate. A replica on several GPUs "
-        "spreads its layers over them (device_map='auto'; docs/evaluation.md says what that costs).",
+        "fewest that hold the model and a batch, from preflight's inference estimate. How a replica on several "
+        "GPUs uses them: eval.placement.",
+    )
+    placement: Literal["auto", "tensor_parallel", "device_map"] = Field(
+        default="auto", description="How a replica on several GPUs holds the model. tensor_parallel: "
+        "transformers' tensor-parallel plan for the architecture, one process per GPU, every GPU working on every "
+        "token (Mistral4: experts, embedding and lm_head split, attention replicated). device_map: the layers "
+        "spread over the GPUs, one GPU working at a time. auto: tensor_parallel where transformers has a plan for "
+        "the model and its sizes divide by the GPU count, else device_map. docs/evaluation.md compares them.",
     )
     limit: int | None = Field(
         default=None, gt=0, description="Score only the first N docs per task. Full evaluation is the default: "

@@ -21,19 +21,46 @@ from fjordtune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_TASK_MANAGER: Any = None
+_TASK_MANAGERS: dict[str, Any] = {}
 
 
-def task_manager() -> Any:
-    """One lm-eval TaskManager per process: indexing ~14,700 tasks takes 7-18 s."""
-    global _TASK_MANAGER
-    if _TASK_MANAGER is None:
-        import lm_eval.models  # noqa: F401  (registers the built-in models before any of ours)
-        from lm_eval.tasks import TaskManager
+def task_manager(patterns: list[str] | None = None) -> Any:
+    """An lm-eval TaskManager, one per process and scope.
 
-        _TASK_MANAGER = TaskManager()
-        cache_prompt_templates()
-    return _TASK_MANAGER
+    lm-eval's CLI indexes every task it ships (~14,700 YAML files: 7-18 s on this machine). When every
+    name or pattern in `patterns` resolves among NorEval's own 116 tasks, an index of lm-eval's `noreval`
+    folder alone is returned (0.1 s; the same YAML files, so the same tasks); anything else (another
+    benchmark, a typo to suggest a correction for, `patterns` None) gets the full index."""
+    import lm_eval.models  # noqa: F401  (registers the built-in models before any of ours)
+
+    if patterns and "noreval" not in _TASK_MANAGERS:
+        _TASK_MANAGERS["noreval"] = _new_task_manager(noreval_only=True)
+    if patterns and _resolves(patterns, _TASK_MANAGERS["noreval"]):
+        return _TASK_MANAGERS["noreval"]
+    if "all" not in _TASK_MANAGERS:
+        _TASK_MANAGERS["all"] = _new_task_manager(noreval_only=False)
+    return _TASK_MANAGERS["all"]
+
+
+def _new_task_manager(*, noreval_only: bool) -> Any:
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    cache_prompt_templates()
+    if not noreval_only:
+        return TaskManager()
+    folder = Path(lm_eval.tasks.__file__).parent / "noreval"
+    if not folder.is_dir():  # a future lm-eval that moved it: the full index still works
+        return TaskManager()
+    return TaskManager(include_path=str(folder), include_defaults=False)
+
+
+def _resolves(patterns: list[str], tm: Any) -> bool:
+    try:
+        expand_tasks(patterns, known=list(tm.all_tasks), leaves=list(tm.all_subtasks))
+    except UserError:
+        return False
+    return True
 
 
 def cache_prompt_templates() -> bool:
@@ -109,7 +136,7 @@ def check_tasks(job: JobSpec) -> list[str]:
     registry: `run` calls this before training, so a typo fails in seconds, not after hours of GPU time."""
     from fjordtune.eval.noreval import fewshot_counts
 
-    tm = task_manager()
+    tm = task_manager(job.eval.tasks)
     names = expand_tasks(job.eval.tasks, known=list(tm.all_tasks), leaves=list(tm.all_subtasks))
     fewshot_counts(names, job.eval.num_fewshot)
     return names
@@ -120,7 +147,7 @@ def build_tasks(job: JobSpec) -> tuple[list[str], Any]:
     NorEval's scored questions kept out of their own few-shot examples. Returns (names, task dict)."""
     from fjordtune.eval.noreval import DEFAULT_FEWSHOT_SEED, apply_fewshot, build_task_dict, load_registered
 
-    tm = task_manager()
+    tm = task_manager(job.eval.tasks)
     names = expand_tasks(job.eval.tasks, known=list(tm.all_tasks), leaves=list(tm.all_subtasks))
     if job.eval.data_dir:
         task_dict = build_task_dict(names, job.eval.data_dir, num_fewshot=job.eval.num_fewshot, task_manager=tm,
@@ -172,9 +199,11 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
              output_dir: str | Path | None = None) -> dict[str, Any]:
     """Score `job.eval.tasks` on the model at `model_uri` (+ adapter) and return the results dict."""
     import lm_eval.evaluator
+    from transformers import AutoConfig
 
-    from fjordtune.eval.noreval import chance_level
+    from fjordtune.eval.noreval import chance_from_samples
     from fjordtune.eval.ray_lm import RayDataLM
+    from fjordtune.eval.tp import replica_placement
     from fjordtune.model.load import load_tokenizer, local_tokenizer_dir
     from fjordtune.preflight.gate import plan_eval
     from fjordtune.storage import Store
@@ -182,10 +211,15 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
     store = Store.for_job(job)
     # the driver only tokenizes: the scoring actors fetch the weights
     with tempfile.TemporaryDirectory(prefix="fjordtune-tok-") as tmp:
-        tokenizer = load_tokenizer(job.model.tokenizer or local_tokenizer_dir(model_uri, store=store, dest=tmp))
+        meta_dir = local_tokenizer_dir(model_uri, store=store, dest=tmp)
+        tokenizer = load_tokenizer(job.model.tokenizer or meta_dir)
+        config = AutoConfig.from_pretrained(meta_dir)
     names, task_dict = build_tasks(job)
     plan = plan_eval(job)
-    log.info("%s: %s", label, plan.line())
+    placement, ranks = replica_placement(config, gpus=plan.gpus_per_replica, use_gpu=job.resources.use_gpu,
+                                         requested=job.eval.placement)
+    log.info("%s: %s%s", label, plan.line(), f"; placement {placement.replace('_', ' ')}" if ranks > 1 or
+             placement == "device_map" else "")
     if job.eval.limit:
         log.warning("eval.limit=%d: scoring a subsample; full evaluation is the default for a reason", job.eval.limit)
     lm = RayDataLM(
@@ -196,7 +230,7 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
         gpus_per_worker=max(1, plan.gpus_per_replica), fill_cluster=plan.auto_replicas and job.resources.use_gpu,
         chat_template_args=job.eval.chat_template_args,
         results=result_store(job, store, model_uri=model_uri, adapter_uri=adapter_uri),
-        max_restarts=job.eval.max_restarts,
+        max_restarts=job.eval.max_restarts, tensor_parallel=ranks,
     )
     if not job.eval.apply_chat_template and job.eval.chat_template_args:
         log.warning("eval.chat_template_args is ignored: eval.apply_chat_template is false")
@@ -206,12 +240,16 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
         bootstrap_iters=1000, log_samples=True, verbosity="WARNING",  # True: per_doc in results.json
     )
     seconds = time.perf_counter() - t0
-    results = summarize(raw, leaf_tasks(task_dict), chance_fn=chance_level)
+    samples = raw.get("samples", {})
+    results = summarize(raw, leaf_tasks(task_dict),
+                        chance_fn=lambda task: chance_from_samples(task, samples.get(task.config.task, [])))
     template = lm.chat_template(True) if job.eval.apply_chat_template else None
     results.update(model=label, model_uri=model_uri, adapter_uri=adapter_uri,
                    num_requests=lm.num_scored + lm.num_reused, num_scored=lm.num_scored, num_reused=lm.num_reused,
                    results_uri=lm.results.uri if lm.results else None,
                    tokens_full_scoring=lm.tokens_full, tokens_shared_context=lm.tokens_shared,
+                   replicas={"count": lm.num_workers, "gpus_each": plan.gpus_per_replica if job.resources.use_gpu
+                             else 0, "placement": placement},
                    seconds=round(seconds, 2), num_fewshot=job.eval.num_fewshot,
                    apply_chat_template=job.eval.apply_chat_template,
                    protocol=protocol_of(task_dict, job, chat_template=template))

@@ -72,18 +72,24 @@ def test_summarize_reports_acc_acc_norm_n_and_chance(ray_local, tiny_model_dir):
 
     from fjordtune.eval.noreval import build_task_dict, chance_from_samples, chance_level
     from fjordtune.eval.ray_lm import RayDataLM
-    from fjordtune.eval.run import dumps_results, leaf_tasks, summarize, task_manager
+    from fjordtune.eval.run import DocMetrics, dumps_results, leaf_tasks, per_doc_results, summarize, task_manager
     from fjordtune.eval.stats import mean_se
     from fjordtune.model.load import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     lm = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, dtype="float32", num_workers=1, batch_size=32)
     task_dict = build_task_dict(TASKS, DATA, num_fewshot=0, task_manager=task_manager())
+    recorded = DocMetrics(leaf_tasks(task_dict))
     raw = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=1000, log_samples=True)
     res = summarize(raw, leaf_tasks(task_dict), chance_fn=chance_level)
     assert set(res["tasks"]) == set(TASKS)
-    for name, task in leaf_tasks(task_dict).items():  # what `evaluate` uses: the same number, off the samples
-        assert chance_from_samples(task, raw["samples"][name]) == pytest.approx(chance_level(task), abs=1e-12), name
+    # what `evaluate` uses instead of log_samples: the same per-document values and chance levels
+    mine = recorded.samples()
+    assert set(mine) == set(TASKS)
+    for name, task in leaf_tasks(task_dict).items():
+        metrics = [m for m in ("acc", "acc_norm") if m in res["tasks"][name]]
+        assert per_doc_results(mine[name], metrics) == per_doc_results(raw["samples"][name], metrics), name
+        assert chance_from_samples(task, mine[name]) == pytest.approx(chance_level(task), abs=1e-12), name
     for name, entry in res["tasks"].items():
         assert entry["n"] > 0 and 0 <= entry["acc"] <= 1
         assert ("acc_norm" in entry) == ("truthfulqa" not in name)

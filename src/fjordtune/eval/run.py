@@ -235,12 +235,13 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
     if not job.eval.apply_chat_template and job.eval.chat_template_args:
         log.warning("eval.chat_template_args is ignored: eval.apply_chat_template is false")
     t0 = time.perf_counter()
+    per_doc = DocMetrics(leaf_tasks(task_dict))  # per_doc in results.json, without lm-eval's log_samples
     raw = lm_eval.evaluator.evaluate(
         lm=lm, task_dict=task_dict, limit=job.eval.limit, **prompt_kwargs(job),
-        bootstrap_iters=1000, log_samples=True, verbosity="WARNING",  # True: per_doc in results.json
+        bootstrap_iters=1000, log_samples=False, verbosity="WARNING",
     )
     seconds = time.perf_counter() - t0
-    samples = raw.get("samples", {})
+    raw["samples"] = samples = per_doc.samples()
     results = summarize(raw, leaf_tasks(task_dict),
                         chance_fn=lambda task: chance_from_samples(task, samples.get(task.config.task, [])))
     template = lm.chat_template(True) if job.eval.apply_chat_template else None
@@ -273,6 +274,38 @@ def result_store(job: JobSpec, store: Any, *, model_uri: str, adapter_uri: str |
         log.warning("eval: %s is not pinned to a commit or revision: its results are scored afresh and not stored",
                     adapter_uri or model_uri)
     return found
+
+
+class DocMetrics:
+    """Each document's metrics, recorded from its task's own `process_results` as lm-eval's `evaluate` calls
+    it (in document order), in the shape of lm-eval's logged samples as far as fjordtune reads them
+    (`doc_id`, `filter`, `arguments`, `metrics` and each metric's value).
+
+    `log_samples=True` gives the same values but also keeps, for every document, the document, every
+    response and JSON hashes of both: measured 10 of the 113 s of a full-size NorEval run, and ~2.4 KB per
+    document on the driver. A task with several filters (lm-eval calls `process_results` once per filter)
+    is not recorded: it gets no per_doc (tests/test_eval_equivalence.py compares with log_samples)."""
+
+    def __init__(self, tasks: dict[str, Any]) -> None:
+        self.rows: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        self.filters: dict[str, str] = {}
+        for name, task in tasks.items():
+            filters = getattr(task, "_filters", None) or []
+            if len(filters) != 1:
+                continue
+            self.filters[name] = getattr(filters[0], "name", "none")
+            rows = self.rows[name] = []
+
+            def recorded(doc: Any, results: Any, _process: Any = task.process_results, _rows: list = rows) -> Any:
+                metrics = _process(doc, results)
+                _rows.append((len(results), metrics))
+                return metrics
+
+            task.process_results = recorded
+
+    def samples(self) -> dict[str, list[dict[str, Any]]]:
+        return {name: [{"doc_id": i, "filter": self.filters[name], "arguments": [None] * n, "metrics": list(m), **m}
+                       for i, (n, m) in enumerate(rows)] for name, rows in self.rows.items()}
 
 
 def summarize(raw: dict[str, Any], tasks: dict[str, Any], *, chance_fn: Any) -> dict[str, Any]:

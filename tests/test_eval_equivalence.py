@@ -178,6 +178,7 @@ def test_batched_encoding_gives_the_tokenizers_own_ids(tiny_model_dir, monkeypat
     assert [list(lm2._encoded[k]) for k in keys] == [reference(*k) for k in keys]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensor parallel (gloo); tests/test_gpu.py covers GPUs")
 def test_a_tensor_parallel_replica_scores_like_a_single_process_one(ray_local, tiny_model_dir):
     """`tensor_parallel=2`: each Ray Data actor is rank 0 of a 2-process replica (its child the other rank,
     gloo on CPU here, one process per GPU on GPUs) holding half of every split weight. The same lm-eval

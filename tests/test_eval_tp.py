@@ -131,6 +131,10 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+CPU_TP = pytest.mark.skipif(torch.cuda.is_available(), reason="transformers puts TP shards on the machine's "
+                            "accelerator: on a GPU machine tests/test_gpu.py checks TP over NCCL")
+
+
 @pytest.fixture(scope="module")
 def tp_run(tiny_model_dir, adapter_dir, tmp_path_factory) -> list[dict]:
     return _spawn(str(tiny_model_dir), str(adapter_dir), str(tmp_path_factory.mktemp("tp-run")))
@@ -140,6 +144,7 @@ def _max_diff(a: list, b: list) -> float:
     return max(abs(x[0] - y[0]) for x, y in zip(a, b, strict=True))
 
 
+@CPU_TP
 def test_tp_scores_equal_one_process_on_every_path(tiny_model_dir, tp_run):
     from fjordtune.eval.scorer import Scorer
 
@@ -154,6 +159,7 @@ def test_tp_scores_equal_one_process_on_every_path(tiny_model_dir, tp_run):
     assert [tp_run[1][f"served_{n}"] for n in ("packed", "full", "kv_cache")] == [1, 1, 1]
 
 
+@CPU_TP
 def test_each_rank_holds_half_of_the_experts_exactly_as_loaded(tiny_model_dir, tp_run):
     from fjordtune.eval.tp import local_param_bytes
     from fjordtune.model.load import load_causal_lm
@@ -167,6 +173,7 @@ def test_each_rank_holds_half_of_the_experts_exactly_as_loaded(tiny_model_dir, t
         assert any("experts.gate_up_proj" in n for n in res["slices"])  # the fused, strided case is among them
 
 
+@CPU_TP
 def test_adapter_merged_into_the_shards_scores_like_one_process(tiny_model_dir, adapter_dir, tp_run):
     from fjordtune.eval.scorer import Scorer
 
@@ -180,6 +187,7 @@ def test_adapter_merged_into_the_shards_scores_like_one_process(tiny_model_dir, 
     assert _max_diff(got, tp_run[0]["packed"]) > 1e-2  # the adapter changed the scores: a real comparison
 
 
+@CPU_TP
 def test_a_failing_follower_fails_rank0_in_seconds(tp_run):
     rank0, rank1 = tp_run
     assert "simulated" in rank1["follower_error"], rank1["follower_error"]

@@ -44,6 +44,57 @@ def test_scorer_on_cuda_matches_cpu(tiny_model_dir):
     assert max(abs(a[0] - b[0]) for a, b in zip(cpu, gpu)) < 1e-3
 
 
+def _choices(tok) -> tuple[list[list[int]], list[list[int]]]:
+    """Multiple-choice shaped: 3 questions, 4 choices each, one-token and multi-token answers."""
+    questions = ["Hovudstaden i Noreg er", "Kva heiter den lengste elva i Noreg?", "Kven skreiv Peer Gynt?"]
+    answers = [" Oslo", " Bergen", " Glomma", " Trondheim og Tromsø", " Ibsen", " Bjørnson", " Hamsun", " A"]
+    ctxs, conts = [], []
+    for i, q in enumerate(questions):
+        for a in answers[i : i + 4]:
+            ctxs.append(tok.encode(q))
+            conts.append(tok.encode(a, add_special_tokens=False))
+    return ctxs, conts
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("bfloat16", 0.1)])
+def test_every_scoring_path_on_cuda_matches_full_scoring(tiny_model_dir, dtype, tol):
+    """One forward per unit (4D mask), context + KV cache, and full scoring agree on the GPU (bf16 within
+    its rounding), with the same greedy flags in fp32."""
+    from fjordtune.eval.scorer import Scorer
+    from fjordtune.model.load import load_tokenizer
+
+    ctxs, conts = _choices(load_tokenizer(str(tiny_model_dir)))
+    scorer = Scorer(str(tiny_model_dir), dtype=dtype, device="cuda")
+    assert scorer.packed, scorer.attention
+    full = scorer.score(ctxs, conts, shared_context=False)
+    packed = scorer.score(ctxs, conts)
+    scorer.packed = False
+    kv = scorer.score(ctxs, conts)
+    for got in (packed, kv):
+        assert max(abs(a[0] - b[0]) for a, b in zip(got, full, strict=True)) < tol
+        if dtype == "float32":
+            assert [a[1] for a in got] == [b[1] for b in full]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallel needs 2 GPUs")
+def test_tensor_parallel_replica_over_two_gpus_scores_like_one(tiny_model_dir):
+    """eval.placement tensor_parallel on GPUs: rank 0 here, rank 1 a child process on the second GPU (NCCL)."""
+    from fjordtune.eval.scorer import Scorer
+    from fjordtune.eval.tp import TPReplica, local_param_bytes
+    from fjordtune.model.load import load_tokenizer
+
+    ctxs, conts = _choices(load_tokenizer(str(tiny_model_dir)))
+    one = Scorer(str(tiny_model_dir), dtype="float32", device="cuda").score(ctxs, conts)
+    replica = TPReplica(str(tiny_model_dir), world=2, dtype="float32", device="cuda")
+    try:
+        two = replica.score(ctxs, conts)
+        assert local_param_bytes(replica.scorer.model, contains=".mlp.experts.") > 0
+    finally:
+        replica.close()
+    assert max(abs(a[0] - b[0]) for a, b in zip(one, two, strict=True)) < 1e-3
+    assert [a[1] for a in one] == [b[1] for b in two]
+
+
 def test_real_nvml_sampler_sees_this_gpu():
     from fjordtune.telemetry.gpu import open_sampler
 

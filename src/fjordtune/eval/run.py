@@ -310,8 +310,9 @@ class DocMetrics:
 
 def summarize(raw: dict[str, Any], tasks: dict[str, Any], *, chance_fn: Any) -> dict[str, Any]:
     """Per-task acc / acc_norm (+ lm-eval's stderr) / n / chance from lm-eval's output, with sanity warnings.
-    With lm-eval's samples (`log_samples=True`), each entry also gets `per_doc`: `{"doc_id": [...], "acc":
-    [...], "acc_norm": [...]}` sorted by doc_id, 0/1 per scored document, for paired standard errors."""
+    With per-document samples (`DocMetrics.samples()`, or lm-eval's own with `log_samples=True`), each entry
+    also gets `per_doc`: `{"doc_id": [...], "acc": [...], "acc_norm": [...]}` sorted by doc_id, 0/1 per
+    scored document, for paired standard errors."""
     out: dict[str, Any] = {"tasks": {}, "warnings": []}
     for name in sorted(tasks):
         res = raw["results"].get(name, {})

@@ -5,7 +5,6 @@ rank 0 in seconds instead of hanging. Plus the refusals, without processes."""
 
 from __future__ import annotations
 
-import random
 import socket
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from mc_requests import mc_requests
 
 pytestmark = pytest.mark.integration
 
@@ -20,17 +20,9 @@ WORLD = 2
 SPAWN_DEADLINE_S = 240
 
 
-def _requests(seed: int, *, num: int = 12, vocab: int = 500) -> tuple[list[list[int]], list[list[int]]]:
-    """Multiple-choice shaped: each context with 2-4 continuations of 1-6 tokens, every other choice a
-    single token (about 36 pairs)."""
-    rng = random.Random(seed)
-    ctxs, conts = [], []
-    for _ in range(num):
-        ctx = [rng.randrange(3, vocab) for _ in range(rng.randrange(2, 40))]
-        for k in range(rng.randrange(2, 5)):
-            ctxs.append(ctx)
-            conts.append([rng.randrange(3, vocab) for _ in range(1 if k % 2 else rng.randrange(1, 7))])
-    return ctxs, conts
+def _requests(seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Each context with 2-4 continuations of 1-6 tokens, every other choice a single token (about 36 pairs)."""
+    return mc_requests(seed, num=12, max_context=40, choices=(2, 5), max_continuation=7, one_token_every_other=True)
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, adapter_dir: str, out: str) -> None:

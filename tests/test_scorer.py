@@ -3,22 +3,14 @@ unmerged ones, and the planning of work units. Real model forward passes on a ti
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from mc_requests import mc_requests
 
 
-def _questions(seed: int, *, num: int = 24, vocab: int = 500) -> tuple[list[list[int]], list[list[int]]]:
+def _questions(seed: int, *, num: int = 24) -> tuple[list[list[int]], list[list[int]]]:
     """Multiple-choice shaped requests: each context with 2-5 continuations of 1-8 tokens."""
-    rng = random.Random(seed)
-    ctxs, conts = [], []
-    for _ in range(num):
-        ctx = [rng.randrange(3, vocab) for _ in range(rng.randrange(2, 70))]
-        for _ in range(rng.randrange(2, 6)):
-            ctxs.append(ctx)
-            conts.append([rng.randrange(3, vocab) for _ in range(rng.randrange(1, 9))])
-    return ctxs, conts
+    return mc_requests(seed, num=num, max_context=70, choices=(2, 6), max_continuation=9)
 
 
 @pytest.fixture(scope="module", params=["packed", "packed-eager", "kv-cache"])

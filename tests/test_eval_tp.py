@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from mc_requests import mc_requests
+from scoring_helpers import mc_requests, random_lora_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -104,22 +104,8 @@ def _spawn(*args: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A LoRA adapter with non-zero B on MLA projections and on both fused expert parameters."""
-    from peft import LoraConfig, get_peft_model
-
-    from fjordtune.model.load import load_causal_lm, quiet_peft_deprecations
-
-    model = load_causal_lm(str(tiny_model_dir), dtype="float32")
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_a_proj", "kv_b_proj", "o_proj"],
-                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    with quiet_peft_deprecations():
-        peft_model = get_peft_model(model, cfg)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
     out = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(str(out), save_embedding_layers=False)
+    random_lora_adapter(str(tiny_model_dir), str(out))
     return out
 
 

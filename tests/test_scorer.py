@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mc_requests import mc_requests
+from scoring_helpers import mc_requests, random_lora_adapter
 
 
 def _questions(seed: int, *, num: int = 24) -> tuple[list[list[int]], list[list[int]]]:
@@ -63,23 +63,10 @@ def test_shared_context_under_left_truncation_and_single_token_choices(scorer):
 
 
 def test_merged_adapter_scores_like_the_unmerged_one_experts_included(tiny_model_dir, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
     from fjordtune.eval.scorer import Scorer
-    from fjordtune.model.load import load_causal_lm
 
-    model = load_causal_lm(str(tiny_model_dir), dtype="float32")
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_a_proj", "kv_b_proj", "o_proj"],
-                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    peft_model = get_peft_model(model, cfg)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    expert_b = [n for n, _ in peft_model.named_parameters() if "lora_B" in n and "experts" in n]
+    expert_b = random_lora_adapter(str(tiny_model_dir), str(tmp_path / "adapter"))
     assert expert_b, "the adapter must reach the fused experts"
-    peft_model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False)
 
     ctxs, conts = _questions(2, num=8)
     base = Scorer(str(tiny_model_dir), dtype="float32").score(ctxs, conts)

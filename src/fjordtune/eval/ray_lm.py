@@ -107,11 +107,11 @@ class RayDataLM(TemplateLM):
         """`eval.units.ResultStore` where unit results are stored and found again; None: nothing stored."""
         self.max_restarts = max_restarts
         self.fill_cluster = fill_cluster
+        """Start as many replicas as the live cluster holds at once (`eval.num_workers: auto` on GPUs)."""
         self.tensor_parallel = tensor_parallel
+        """Ranks of one tensor-parallel replica (1: one process per replica; `eval.tp.replica_placement`)."""
         self.replica_ranks: Counter[int] = Counter()
         """Units by the number of processes of the replica that returned them (tensor parallel: > 1)."""
-        """Ranks of one tensor-parallel replica (1: one process per replica; `eval.tp.replica_placement`)."""
-        """Start as many replicas as the live cluster holds at once (`eval.num_workers: auto` on GPUs)."""
         self.num_scored = self.num_reused = self.units_reused = 0
         self.scored_units: list[str] = []
         """Keys of the units scored by this process's evaluations, one entry per scoring (tests count them)."""

@@ -138,7 +138,7 @@ def test_a_checkpoint_with_missing_weights_is_refused_on_the_actor(ray_local, ti
     tok = load_tokenizer(str(broken))
     lm = RayDataLM(model_uri=str(broken), tokenizer=tok, dtype="float32", num_workers=1, batch_size=8)
     with pytest.raises(UserError, match="missing keys") as err:
-        lm._loglikelihood_tokens([(("a", "b"), tok.encode("Hei"), tok.encode(" du", add_special_tokens=False))])
+        lm.score_pairs([("Hei", " du")])
     assert "kv_b_proj" in "\n".join(err.value.lines)
 
 
@@ -146,15 +146,14 @@ def test_batched_encoding_gives_the_tokenizers_own_ids(tiny_model_dir, monkeypat
     """The strings of a NorEval run are encoded in batches through the fast tokenizer's backend: the ids
     equal one `tokenizer.encode` call per string (as lm-eval's `hf` makes them), with and without special
     tokens, for a string that already starts with BOS too; a backend that disagrees is not used."""
-    from fjordtune.eval.ray_lm import RayDataLM
+    from fjordtune.eval.encode import PROBE, PairEncoder
     from fjordtune.model.load import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
-    rows = [json.loads(line) for f in sorted(DATA.rglob("*.jsonl"))[:3] for line in f.read_text().splitlines()[:40]]
+    rows = [json.loads(line) for f in sorted(DATA.rglob("*.jsonl")) for line in f.read_text().splitlines()[:40]]
     strings = sorted({str(v) for row in rows for v in row.values() if isinstance(v, str) and v.strip()})
     strings += ["", " ", "  Svar:", "Spørsmål: Kva er hovudstaden?\nSvar: ", (tok.bos_token or "") + "Hei på deg"]
-    keys = [(s, None) for s in strings] + [(s, False) for s in strings if s]
-    assert len(keys) > 100
+    assert len(strings) > 2 * PROBE  # past the strings the fast path is checked on
 
     def reference(string, add_special):  # tok_encode's rule, one call per string
         kw = {} if add_special is None else {"add_special_tokens": add_special}
@@ -162,20 +161,61 @@ def test_batched_encoding_gives_the_tokenizers_own_ids(tiny_model_dir, monkeypat
             kw["add_special_tokens"] = False
         return tok.encode(string, **kw)
 
-    lm = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok)
-    assert lm._batch_encoder(strings, None).__name__ == "fast"  # the shortcut is what is under test
-    lm._encode_many(keys)
-    assert [list(lm._encoded[k]) for k in keys] == [reference(*k) for k in keys]
+    enc = PairEncoder(tok)
+    for add_special in (None, False):
+        assert enc.encode(strings, add_special) == [reference(s, add_special) for s in strings]
+        assert enc._fast_ok[add_special] is True  # the shortcut is what is under test
 
     class Wrong:  # a backend whose ids differ from the tokenizer's own call
         def encode_batch(self, part, add_special_tokens=True):
             return [type("E", (), {"ids": [0]})() for _ in part]
 
     monkeypatch.setattr(type(tok), "backend_tokenizer", property(lambda self: Wrong()))
-    lm2 = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok)
-    assert lm2._batch_encoder(strings, None).__name__ == "slow"
-    lm2._encode_many(keys)
-    assert [list(lm2._encoded[k]) for k in keys] == [reference(*k) for k in keys]
+    enc2 = PairEncoder(tok)
+    assert enc2.encode(strings) == [reference(s, None) for s in strings]
+    assert enc2._fast_ok[None] is False
+
+
+def test_text_pairs_tokenize_as_lm_eval_hf_does(tiny_model_dir):
+    """What an actor does with a unit's text (`PairEncoder.encode_pairs`) gives the token requests that
+    lm-eval's `hf` backend builds itself (`TemplateLM.loglikelihood`, HFLM's `tok_encode`) for every request
+    of real NorEval prompts, 0-shot and 2-shot, and for the edge cases: trailing spaces moved to the
+    continuation, an empty context, a continuation that begins with the prefix token."""
+    import lm_eval.evaluator
+    from lm_eval.models.huggingface import HFLM
+    from transformers import Mistral4ForCausalLM
+
+    from fjordtune.eval.encode import PairEncoder
+    from fjordtune.eval.noreval import build_task_dict
+    from fjordtune.eval.run import task_manager
+    from fjordtune.model.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    hf = HFLM(pretrained=Mistral4ForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+              tokenizer=tok, batch_size=8)
+    seen = {}
+
+    def record(requests, disable_tqdm=False, **kw):  # what hf would score, without scoring it
+        seen.update({ctx_cont: (list(ctx), list(cont)) for ctx_cont, ctx, cont in requests})
+        return [(0.0, False)] * len(requests)
+
+    hf._loglikelihood_tokens = record
+    for shots in (0, 2):
+        task_dict = build_task_dict(TASKS, DATA, num_fewshot=shots, task_manager=task_manager(TASKS))
+        lm_eval.evaluator.evaluate(lm=hf, task_dict=task_dict, bootstrap_iters=0, log_samples=False)
+    bos = tok.decode([hf.prefix_token_id])
+    extra = [("Svar:  ", "B"), ("", " Oslo"), ("", bos + " Oslo"), ("Hei", " du")]
+    for ctx, cont in extra:
+        if ctx == "":
+            cont_enc = hf.tok_encode(cont, add_special_tokens=False)
+            seen[(ctx, cont)] = ([hf.prefix_token_id], cont_enc) if hf.prefix_token_id != cont_enc[0] \
+                else (cont_enc[:1], cont_enc[1:])
+        else:
+            seen[(ctx, cont)] = tuple(list(x) for x in hf._encode_pair(ctx, cont))
+    pairs = list(seen)
+    assert len(pairs) > 300
+    got = PairEncoder(tok).encode_pairs(pairs)
+    assert [(list(c), list(k)) for c, k in got] == [tuple(seen[p]) for p in pairs]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensor parallel (gloo); tests/test_gpu.py covers GPUs")

@@ -94,12 +94,14 @@ def _scores(lm):
 
 
 def _result_store(prefix, model_dir):
+    from fjordtune.eval.encode import tokenizer_fingerprint
     from fjordtune.eval.units import ResultStore
+    from fjordtune.model.load import load_tokenizer
     from fjordtune.storage import Store
 
     store = Store()
     return ResultStore.for_model(store, f"s3://{BUCKET}/{prefix}", model_uri=str(model_dir), adapter_uri=None,
-                                 dtype="float32")
+                                 dtype="float32", tokenizer=tokenizer_fingerprint(load_tokenizer(str(model_dir))))
 
 
 def test_a_sigkilled_actor_costs_only_its_unfinished_unit(ray_local, bucket, tiny_model_dir):

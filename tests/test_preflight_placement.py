@@ -273,8 +273,7 @@ def ray_cpu_only():
     ray.shutdown()
 
 
-def _request(tok):
-    return [(("a", "b"), tok.encode("Hei"), tok.encode(" du", add_special_tokens=False))]
+_PAIRS = [("Hei", " du")]
 
 
 @pytest.mark.integration
@@ -286,7 +285,7 @@ def test_gpu_actor_on_a_cluster_without_gpus_fails_at_once(ray_cpu_only, tiny_mo
     lm = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, num_workers=1, use_gpu=True, gpus_per_worker=1)
     t0 = time.monotonic()
     with pytest.raises(UserError) as err:
-        lm._loglikelihood_tokens(_request(tok))
+        lm.score_pairs(_PAIRS)
     assert time.monotonic() - t0 < 30
     line = err.value.lines[0]
     assert "a scoring actor needs 1 GPU(s) and 1 CPU(s) on one node" in line and "(2 CPUs, 0 GPUs)" in line
@@ -314,7 +313,7 @@ def test_actor_that_never_starts_times_out_with_an_infra_error(ray_cpu_only, tin
                        actor_start_timeout_s=3)
         t0 = time.monotonic()
         with pytest.raises(InfraError) as err:
-            lm._loglikelihood_tokens(_request(tok))
+            lm.score_pairs(_PAIRS)
         assert time.monotonic() - t0 < 60
         assert "1 scoring actor(s) (2 CPU(s) each) did not start within 3 s" in err.value.lines[0]
         # the process-wide Ray Data setting is restored

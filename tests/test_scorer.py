@@ -3,6 +3,8 @@ unmerged ones, and the planning of work units. Real model forward passes on a ti
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from scoring_helpers import mc_requests, random_lora_adapter
@@ -94,29 +96,34 @@ def test_units_keep_a_context_together_and_are_deterministic():
     from fjordtune.eval.units import plan_units, token_counts
 
     ctxs, conts = _questions(3, num=40)
-    reqs = list(zip(ctxs, conts, strict=True))
+    ctx_text = [" ".join(f"t{t}" for t in c) + "\nSvar:" for c in ctxs]  # text requests, as lm-eval gives them
+    reqs = [(c, " " + " ".join(f"w{t}" for t in k)) for c, k in zip(ctx_text, conts, strict=True)]
     units = plan_units(reqs, batch_size=8)
     again = plan_units(reqs, batch_size=8)
     assert [u.key for u in units] == [u.key for u in again]
     assert sorted(i for u in units for i in u.indices) == list(range(len(reqs)))
     assert all(len(u.indices) <= 8 for u in units)
     # a question's choices (<= 5 here, batch 8) never straddle two units
-    home = {tuple(ctx): set() for ctx in ctxs}
+    home = {ctx: set() for ctx in ctx_text}
     for u in units:
         for i in u.indices:
-            home[tuple(ctxs[i])].add(u.key)
+            home[ctx_text[i]].add(u.key)
     assert all(len(keys) == 1 for keys in home.values())
     # the key is the content: another batch size gives other units, a changed request another key
-    changed = [(c, k + [1]) if i == 0 else (c, k) for i, (c, k) in enumerate(reqs)]
-    assert plan_units(changed, batch_size=8)[0].key != units[0].key or units[0].indices[0] != 0
+    changed = [(c, k + "!") if i == 0 else (c, k) for i, (c, k) in enumerate(reqs)]
     assert len({u.key for u in plan_units(changed, batch_size=8)} ^ {u.key for u in units}) == 2
     for u in units:  # what an actor receives is what was planned, each context sent once
-        ctx, cont = u.requests_of(u.payload())
-        assert [tuple(c) for c in ctx] == list(u.contexts) and [tuple(c) for c in cont] == list(u.continuations)
-        assert u.payload().count(",".join(map(str, u.contexts[0]))) == 1
-    full, shared = token_counts(reqs)
-    assert full == sum(len(c) + len(k) - 1 for c, k in reqs)
-    assert shared == sum(len(k) - 1 for _, k in reqs) + sum(len(c) for c in {tuple(c) for c in ctxs})
+        assert u.requests_of(u.payload()) == list(zip(u.contexts, u.continuations, strict=True))
+        assert u.payload().count(json.dumps(u.contexts[0], ensure_ascii=False)) == 1
+    # longest first, in words and punctuation
+    from fjordtune.eval.units import _WORDS
+
+    lengths = [max(len(_WORDS.findall(reqs[i][0])) for i in u.indices) for u in units]
+    assert lengths == sorted(lengths, reverse=True)
+    token_reqs = list(zip(ctxs, conts, strict=True))
+    full, shared = token_counts(token_reqs)
+    assert full == sum(len(c) + len(k) - 1 for c, k in token_reqs)
+    assert shared == sum(len(k) - 1 for _, k in token_reqs) + sum(len(c) for c in {tuple(c) for c in ctxs})
 
 
 def test_progress_says_how_far_how_fast_and_when_done(caplog, monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any
 from lm_eval.api.model import TemplateLM
 
 from fjordtune.errors import FjordtuneError, InfraError, UserError, reraise_as_fjordtune
+from fjordtune.eval.encode import PairEncoder
 from fjordtune.preflight.placement import ClusterShape, NodeGroup, place_eval
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,24 @@ bound, an actor that is never placed (its GPUs held by something else) makes the
 
 class ScoreActor:
     """One Ray Data actor: loads the model once (adapter merged), then scores work units: one unit per
-    call, its result written to storage as soon as it is scored (`eval/units.py`)."""
+    call, tokenized here (`eval/encode.py`), its result written to storage as soon as it is scored
+    (`eval/units.py`)."""
 
-    def __init__(self, *, model_uri: str, adapter_uri: str | None, dtype: str, use_gpu: bool,
+    def __init__(self, *, model_uri: str, adapter_uri: str | None, dtype: str, use_gpu: bool, tokenizer: Any,
                  storage: dict[str, Any] | None = None, cache_dir: str | None = None,
                  results: dict[str, Any] | None = None, tensor_parallel: int = 1) -> None:
+        import torch
+
         from fjordtune.eval.scorer import Scorer
         from fjordtune.eval.units import ResultStore
         from fjordtune.model.load import local_model_dir
         from fjordtune.storage import Store, cache_root
 
+        # the tokenizer's Rust threads: as many as the actor's CPUs (Ray sets torch's threads to them),
+        # not one per core of the node, which every replica on it would otherwise start
+        os.environ.setdefault("RAYON_NUM_THREADS", str(torch.get_num_threads()))
         self.error: FjordtuneError | None = None
+        self.encoder = PairEncoder(tokenizer)  # the driver's own tokenizer object: the same ids as lm-eval's
         try:
             store = Store(**(storage or {}))  # plain settings: credentials come from the actor's environment
             self.results = ResultStore.from_settings(store, results) if results else None
@@ -62,23 +70,27 @@ class ScoreActor:
             self.error = e
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from fjordtune.eval.units import Unit
+        from fjordtune.eval.units import Unit, UnitResult, token_counts
 
         if self.error is not None:
             raise self.error
-        out: dict[str, list[Any]] = {"unit": [], "logprob": [], "greedy": [], "scored": [], "pid": [], "ranks": []}
+        out: dict[str, list[Any]] = {"unit": [], "logprob": [], "greedy": [], "scored": [], "pid": [], "ranks": [],
+                                     "tokens_full": [], "tokens_shared": []}
         for key, payload in zip(batch["unit"], batch["requests"], strict=True):
             # a retried unit (its actor died after storing it, before returning it) is read, not scored
             got = self.results.read(str(key)) if self.results else None
             scored = got is None
             if got is None:
-                ctx, cont = Unit.requests_of(str(payload))
-                got = self.scorer.score(ctx, cont)
+                pairs = self.encoder.encode_pairs(Unit.requests_of(str(payload)))
+                ctx, cont = [p[0] for p in pairs], [p[1] for p in pairs]
+                got = UnitResult(self.scorer.score(ctx, cont), token_counts(pairs))
                 if self.results:
                     self.results.write(str(key), got)
             out["unit"].append(str(key))
-            out["logprob"].append(json.dumps([g[0] for g in got]))
-            out["greedy"].append(json.dumps([g[1] for g in got]))
+            out["logprob"].append(json.dumps([g[0] for g in got.results]))
+            out["greedy"].append(json.dumps([g[1] for g in got.results]))
+            out["tokens_full"].append(got.tokens[0])
+            out["tokens_shared"].append(got.tokens[1])
             out["scored"].append(scored)
             out["pid"].append(os.getpid())
             out["ranks"].append(getattr(self.scorer, "world", 1))  # processes that scored it (tensor parallel)
@@ -119,8 +131,8 @@ class RayDataLM(TemplateLM):
         """Keys of the units whose stored results were used instead (found before scoring started, or by an
         actor retrying a unit that a killed actor had already stored)."""
         self.tokens_full = self.tokens_shared = 0
-        self._encoded: dict[tuple[str, bool | None], tuple[int, ...]] = {}
         """Tokens full-sequence scoring would forward, and what shared contexts forward instead."""
+        self.encoder = PairEncoder(tokenizer) if tokenizer is not None else None
         self.chat_template_args = dict(chat_template_args or {})  # to the tokenizer's template, as hf's
 
     @property
@@ -129,86 +141,20 @@ class RayDataLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        bos = self.tokenizer.bos_token_id
-        return bos if bos is not None else self.eot_token_id
+        return self.encoder.prefix_token_id
 
     @property
     def tokenizer_name(self) -> str:
         return str(self.tokenizer.name_or_path).replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        # a question's context is encoded once per choice by lm-eval: remember it (a copy out, never shared)
-        key = (string, add_special_tokens)
-        found = self._encoded.get(key)
-        if found is None:
-            kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-            bos = self.tokenizer.bos_token
-            if add_special_tokens is None and bos and string.startswith(bos):
-                kw["add_special_tokens"] = False
-            found = self._encoded[key] = tuple(self.tokenizer.encode(string, **kw))
-        return list(found)
+        return self.encoder.encode([string], add_special_tokens)[0]
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """lm-eval's own request tokenization (`TemplateLM.loglikelihood`), its strings encoded beforehand
-        in a few batched tokenizer calls instead of two calls per request (4.4 of lm-eval's 7.5 s on
-        14,475 requests). Any string not foreseen here is still encoded one by one, as before."""
-        wanted: set[tuple[str, bool | None]] = set()
-        for context, continuation in (r.args for r in requests):
-            if context == "":
-                wanted.add((continuation, False))
-                continue
-            spaces = len(context) - len(context.rstrip())  # lm-eval moves trailing spaces to the continuation
-            if spaces:
-                continuation, context = context[-spaces:] + continuation, context[:-spaces]
-            wanted.update(((context + continuation, None), (context, None)))
-        self._encode_many(sorted(wanted, key=lambda k: (k[0], str(k[1]))))
-        return super().loglikelihood(requests, disable_tqdm=True)
-
-    def _encode_many(self, keys: list[tuple[str, bool | None]], chunk: int = 4096) -> None:
-        groups: dict[bool | None, list[str]] = {}
-        bos = self.tokenizer.bos_token
-        for string, add_special in keys:
-            effective = False if add_special is None and bos and string.startswith(bos) else add_special
-            groups.setdefault(effective, []).append(string)
-        by_effective: dict[tuple[str, bool | None], tuple[int, ...]] = {}
-        for effective, strings in groups.items():
-            encode = self._batch_encoder(strings, effective)
-            for start in range(0, len(strings), chunk):
-                part = strings[start : start + chunk]
-                for string, ids in zip(part, encode(part), strict=True):
-                    by_effective[(string, effective)] = tuple(ids)
-        for string, add_special in keys:
-            effective = False if add_special is None and bos and string.startswith(bos) else add_special
-            self._encoded[(string, add_special)] = by_effective[(string, effective)]
-
-    def _batch_encoder(self, strings: list[str], add_special: bool | None) -> Any:
-        """A function from strings to token id lists, as `tokenizer(strings)["input_ids"]` gives them.
-
-        A fast tokenizer's Rust backend is called directly (`encode_batch(...)[i].ids`): the same ids
-        without building a Python dict of every field for every string (3.7 of the 7.6 s that encoding
-        144,335 NorEval requests took). Checked against the tokenizer's own call on the first strings;
-        any difference, or a slow tokenizer, and the tokenizer's own call is used."""
-        kw = {} if add_special is None else {"add_special_tokens": add_special}
-
-        def slow(part: list[str]) -> list[list[int]]:
-            return self.tokenizer(part, **kw)["input_ids"]
-
-        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
-        if backend is None:
-            return slow
-        special = True if add_special is None else bool(add_special)
-
-        def fast(part: list[str]) -> list[list[int]]:
-            return [e.ids for e in backend.encode_batch(part, add_special_tokens=special)]
-
-        probe = strings[:64]
-        try:
-            same = fast(probe) == [list(ids) for ids in slow(probe)]
-        except Exception:  # noqa: BLE001 - any trouble in the shortcut: the tokenizer's own call
-            same = False
-        if not same:
-            log.info("%s: the tokenizer's fast path differs from its own call; encoding through the call", self.name)
-        return fast if same else slow
+        """(log-likelihood, is_greedy) of each request's continuation. The driver only groups the text
+        into units; each actor tokenizes the units it scores exactly as lm-eval's own
+        `TemplateLM.loglikelihood` would (`eval.encode.PairEncoder`), in parallel over the replicas."""
+        return self.score_pairs([tuple(r.args) for r in requests])
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         from fjordtune.eval.chat import render_chat
@@ -220,19 +166,19 @@ class RayDataLM(TemplateLM):
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return super().chat_template(chat_template)  # TemplateLM's selection, the one `hf` inherits
 
-    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        from fjordtune.eval.units import plan_units, token_counts
+    def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        raise NotImplementedError("RayDataLM scores text pairs (loglikelihood, score_pairs): the actors tokenize")
 
-        if not requests:
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """Score (context, continuation) text pairs: plan units, reuse stored ones, score the rest."""
+        from fjordtune.eval.units import plan_units
+
+        if not pairs:
             return []
-        pairs = [(ctx, cont) for _, ctx, cont in requests]
         units = plan_units(pairs, self.batch_size)
-        full, shared = token_counts(pairs)
-        self.tokens_full += full
-        self.tokens_shared += shared
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        reused: dict[str, list[tuple[float, bool]]] = {}
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        reused: dict[str, Any] = {}
         if self.results is not None:
             self.results.describe()
             done = self.results.finished() & {u.key for u in units}
@@ -240,22 +186,24 @@ class RayDataLM(TemplateLM):
         todo = []
         for unit in units:
             if unit.key in reused:
-                self._place(out, unit, reused[unit.key])
+                self._place(out, unit, reused[unit.key].results)
+                self.tokens_full += reused[unit.key].tokens[0]
+                self.tokens_shared += reused[unit.key].tokens[1]
             else:
                 todo.append(unit)
         num_reused = sum(len(u.indices) for u in units if u.key in reused)
         self.num_reused += num_reused
         self.units_reused += len(units) - len(todo)
         self.reused_units.extend(u.key for u in units if u.key in reused)
-        log.info("%s: %d requests in %d units (a context forwarded once: %s of the tokens of full scoring)%s",
-                 self.name, len(requests), len(units), f"{shared / max(full, 1):.0%}",
+        log.info("%s: %d requests in %d units%s", self.name, len(pairs), len(units),
                  f"; {num_reused} reused from {self.results.uri}" if num_reused else "")
         if todo:
             self._score_units(todo, out)
         missing = [i for i, r in enumerate(out) if r is None]
         if missing:
             raise RuntimeError(f"{len(missing)} requests came back unscored (first: {missing[:5]})")
-        self._encoded.clear()  # scored: the next request type starts afresh
+        log.info("%s: a context forwarded once: %s of the tokens of full scoring", self.name,
+                 f"{self.tokens_shared / max(self.tokens_full, 1):.0%}")
         return out  # type: ignore[return-value]
 
     @staticmethod
@@ -290,6 +238,8 @@ class RayDataLM(TemplateLM):
                 got = [(float(lp), bool(g)) for lp, g in zip(json.loads(row["logprob"]), json.loads(row["greedy"]),
                                                               strict=True)]
                 self._place(out, unit, got)
+                self.tokens_full += int(row["tokens_full"])
+                self.tokens_shared += int(row["tokens_shared"])
                 if row["scored"]:
                     self.num_scored += len(unit.indices)
                     self.scored_units.append(unit.key)
@@ -362,6 +312,7 @@ class RayDataLM(TemplateLM):
             fn_constructor_kwargs={
                 "model_uri": self.model_uri, "adapter_uri": self.adapter_uri, "dtype": self.dtype,
                 "use_gpu": self.use_gpu, "storage": self.storage, "cache_dir": self.cache_dir,
+                "tokenizer": self.tokenizer,
                 "results": self.results.settings() if self.results else None,
                 "tensor_parallel": self.tensor_parallel,
             },

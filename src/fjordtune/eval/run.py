@@ -229,7 +229,7 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
         cache_dir=job.storage.cache_dir,
         gpus_per_worker=max(1, plan.gpus_per_replica), fill_cluster=plan.auto_replicas and job.resources.use_gpu,
         chat_template_args=job.eval.chat_template_args,
-        results=result_store(job, store, model_uri=model_uri, adapter_uri=adapter_uri),
+        results=result_store(job, store, model_uri=model_uri, adapter_uri=adapter_uri, tokenizer=tokenizer),
         max_restarts=job.eval.max_restarts, tensor_parallel=ranks,
     )
     if not job.eval.apply_chat_template and job.eval.chat_template_args:
@@ -261,15 +261,16 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
     return results
 
 
-def result_store(job: JobSpec, store: Any, *, model_uri: str, adapter_uri: str | None) -> Any:
+def result_store(job: JobSpec, store: Any, *, model_uri: str, adapter_uri: str | None, tokenizer: Any) -> Any:
     """Where this evaluation's unit results are stored and found again (`eval/units.py`), or None with
     `eval.cache: false` or a model that no commit id or revision pins."""
+    from fjordtune.eval.encode import tokenizer_fingerprint
     from fjordtune.eval.units import ResultStore
 
     if not job.eval.cache:
         return None
     found = ResultStore.for_model(store, job.storage.uri, model_uri=model_uri, adapter_uri=adapter_uri,
-                                  dtype=job.model.dtype)
+                                  dtype=job.model.dtype, tokenizer=tokenizer_fingerprint(tokenizer))
     if found is None:
         log.warning("eval: %s is not pinned to a commit or revision: its results are scored afresh and not stored",
                     adapter_uri or model_uri)

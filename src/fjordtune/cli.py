@@ -7,6 +7,7 @@ failure (storage, Ray), 4 internal error.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -144,7 +145,11 @@ def entry() -> None:
 
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    sys.exit(main())
+    status = main()
+    # the work is done: spare the interpreter's exit a garbage-collector pass over everything the command
+    # built (an eval's ~600,000 lm-eval objects: 1.5 s), which exit frees anyway
+    gc.freeze()
+    sys.exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,14 +113,23 @@ def train(job: JobSpec, *, predicted_peak_bytes: int | None = None) -> dict[str,
 
 def evaluate(job: JobSpec, *, output_dir: str | Path, adapter_uri: str | None = None,
              label: str | None = None) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from fjordtune.eval.run import evaluate as run_eval
+    from fjordtune.eval.run import prepare
 
     store = Store.for_job(job)
     model_uri = stage_model(job, store)
-    connect_ray(job)
     label = label or ("tuned" if adapter_uri else "base")
     say(f"== eval {label}: {len(job.eval.tasks)} task pattern(s) on Ray Data scoring replicas")
-    results = run_eval(job, model_uri=model_uri, adapter_uri=adapter_uri, label=label, output_dir=output_dir)
+    # lm-eval's tasks are built while Ray starts (a local Ray takes seconds, mostly waiting on its
+    # processes). Not the other way round: Ray's processes die with the thread that started them
+    with ThreadPoolExecutor(1, thread_name_prefix="fjordtune-prepare") as pool:
+        prepared = pool.submit(prepare, job, model_uri=model_uri)
+        connect_ray(job)
+        ready = prepared.result()
+    results = run_eval(job, model_uri=model_uri, adapter_uri=adapter_uri, label=label, output_dir=output_dir,
+                       prepared=ready)
     reused = f" ({results['num_reused']} reused from {results['results_uri']})" if results.get("num_reused") else ""
     say(f"== eval {label} done: {len(results['tasks'])} tasks, {results['num_requests']} requests{reused} in "
         f"{results['seconds']} s -> {Path(output_dir) / 'results.json'}")

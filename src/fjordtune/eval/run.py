@@ -13,6 +13,7 @@ import logging
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,26 +196,48 @@ def protocol_of(task_dict: Any, job: JobSpec, *, chat_template: str | None = Non
     }
 
 
-def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: str,
-             output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Score `job.eval.tasks` on the model at `model_uri` (+ adapter) and return the results dict."""
-    import lm_eval.evaluator
+@dataclass
+class Prepared:
+    """What an evaluation needs before any Ray work: the tokenizer, the model's config and lm-eval's tasks."""
+
+    tokenizer: Any
+    config: Any
+    names: list[str]
+    task_dict: Any
+
+
+def prepare(job: JobSpec, *, model_uri: str) -> Prepared:
+    """The tokenizer and config (only their files are fetched: the scoring actors fetch the weights) and
+    the job's lm-eval tasks. Needs no Ray: `pipeline.evaluate` runs it while Ray starts."""
     from transformers import AutoConfig
 
-    from fjordtune.eval.noreval import chance_from_samples
-    from fjordtune.eval.ray_lm import RayDataLM
-    from fjordtune.eval.tp import replica_placement
     from fjordtune.model.load import load_tokenizer, local_tokenizer_dir
-    from fjordtune.preflight.gate import plan_eval
     from fjordtune.storage import Store
 
     store = Store.for_job(job)
-    # the driver only tokenizes: the scoring actors fetch the weights
     with tempfile.TemporaryDirectory(prefix="fjordtune-tok-") as tmp:
         meta_dir = local_tokenizer_dir(model_uri, store=store, dest=tmp)
         tokenizer = load_tokenizer(job.model.tokenizer or meta_dir)
         config = AutoConfig.from_pretrained(meta_dir)
     names, task_dict = build_tasks(job)
+    return Prepared(tokenizer, config, names, task_dict)
+
+
+def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: str,
+             output_dir: str | Path | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
+    """Score `job.eval.tasks` on the model at `model_uri` (+ adapter) and return the results dict.
+    `prepared`: `prepare(job, model_uri=model_uri)` done already."""
+    import lm_eval.evaluator
+
+    from fjordtune.eval.noreval import chance_from_samples
+    from fjordtune.eval.ray_lm import RayDataLM
+    from fjordtune.eval.tp import replica_placement
+    from fjordtune.preflight.gate import plan_eval
+    from fjordtune.storage import Store
+
+    store = Store.for_job(job)
+    prepared = prepared or prepare(job, model_uri=model_uri)
+    tokenizer, config, task_dict = prepared.tokenizer, prepared.config, prepared.task_dict
     plan = plan_eval(job)
     placement, ranks = replica_placement(config, gpus=plan.gpus_per_replica, use_gpu=job.resources.use_gpu,
                                          requested=job.eval.placement)

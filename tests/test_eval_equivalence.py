@@ -4,6 +4,7 @@ scores. Real lm-eval, real Ray (local), no mocks."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,52 @@ def test_a_tensor_parallel_replica_scores_like_a_single_process_one(ray_local, t
         two = [float(r[0][0]) for s in runs[2]["samples"][task] for r in s["resps"]]
         assert len(one) == len(two) > 0
         assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-4
+
+
+def test_replicas_started_early_load_before_lm_eval_asks_and_score_the_same(ray_local, tiny_model_dir):
+    """`start_early`: Ray Data starts the scoring actors before lm-eval has built a single request (they
+    wait for their units on a board actor). They are ready before lm-eval asks, and every request's
+    log-likelihood is the one the usual path gives; an early start that gets no units ends cleanly."""
+    import lm_eval.evaluator
+    from ray._private.state import actors  # the GCS's actor table (ray.util.state needs the dashboard)
+
+    from fjordtune.eval.noreval import build_task_dict
+    from fjordtune.eval.ray_lm import RayDataLM
+    from fjordtune.eval.run import task_manager
+    from fjordtune.model.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    names = ["noropenbookqa_nob_p1", "nortruthfulqa_mc_nno_p2"]
+
+    def scorers_alive() -> int:
+        return sum("ScoreActor" in a["ActorClassName"] and a["State"] == "ALIVE" for a in actors().values())
+
+    runs = {}
+    for early in (False, True):
+        lm = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, dtype="float32", num_workers=2, batch_size=16)
+        if early:
+            assert lm.start_early()
+            deadline = time.monotonic() + 120
+            while scorers_alive() < 2 and time.monotonic() < deadline:  # ALIVE: __init__ has returned
+                time.sleep(0.5)
+            assert scorers_alive() == 2
+        task_dict = build_task_dict(names, DATA, num_fewshot=0, task_manager=task_manager(names))
+        runs[early] = lm_eval.evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=0, log_samples=True)
+        lm.close()
+        if early:
+            assert lm.first_ready_at < lm.asked_at
+    for task in names:
+        assert runs[True]["results"][task] == runs[False]["results"][task]
+        got = [float(r[0][0]) for s in runs[True]["samples"][task] for r in s["resps"]]
+        ref = [float(r[0][0]) for s in runs[False]["samples"][task] for r in s["resps"]]
+        assert got == ref and len(got) > 0
+
+    idle = RayDataLM(model_uri=str(tiny_model_dir), tokenizer=tok, dtype="float32", num_workers=2, batch_size=16)
+    assert idle.start_early()
+    t0 = time.monotonic()
+    idle.close()  # the eval failed before asking: the pipeline gets no units and ends
+    assert time.monotonic() - t0 < 60
+    deadline = time.monotonic() + 60
+    while scorers_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert scorers_alive() == 0

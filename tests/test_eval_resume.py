@@ -150,9 +150,12 @@ def test_a_sigkilled_actor_costs_only_its_unfinished_unit(ray_local, bucket, tin
 def test_a_second_evaluation_of_the_same_model_scores_nothing(ray_local, bucket, tiny_model_dir):
     results = _result_store("again", tiny_model_dir)
     first = _lm(tiny_model_dir, results, batch_size=16)
+    assert first.start_early()  # cold: the replicas load while lm-eval builds its requests
     accs1, lls1 = _scores(first)
     assert first.num_scored > 0 and first.num_reused == 0
+    assert first.first_ready_at is not None
     second = _lm(tiny_model_dir, _result_store("again", tiny_model_dir), batch_size=16)
+    assert not second.start_early()  # stored units may cover it: plan first, start only what is missing
     accs2, lls2 = _scores(second)
     assert (second.num_scored, second.num_reused) == (0, first.num_scored)
     assert second.scored_units == []

@@ -68,6 +68,7 @@ class ScoreActor:
             # Ray reports an exception from an actor's __init__ only as text (ActorDiedError): raise it
             # from the first batch instead, where it travels as itself and reaches the user as such
             self.error = e
+        self.ready_at = time.time()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from fjordtune.eval.units import Unit, UnitResult, token_counts
@@ -75,7 +76,7 @@ class ScoreActor:
         if self.error is not None:
             raise self.error
         out: dict[str, list[Any]] = {"unit": [], "logprob": [], "greedy": [], "scored": [], "pid": [], "ranks": [],
-                                     "tokens_full": [], "tokens_shared": []}
+                                     "tokens_full": [], "tokens_shared": [], "ready_at": []}
         for key, payload in zip(batch["unit"], batch["requests"], strict=True):
             # a retried unit (its actor died after storing it, before returning it) is read, not scored
             got = self.results.read(str(key)) if self.results else None
@@ -91,6 +92,7 @@ class ScoreActor:
             out["greedy"].append(json.dumps([g[1] for g in got.results]))
             out["tokens_full"].append(got.tokens[0])
             out["tokens_shared"].append(got.tokens[1])
+            out["ready_at"].append(self.ready_at)
             out["scored"].append(scored)
             out["pid"].append(os.getpid())
             out["ranks"].append(getattr(self.scorer, "world", 1))  # processes that scored it (tensor parallel)
@@ -134,6 +136,11 @@ class RayDataLM(TemplateLM):
         """Tokens full-sequence scoring would forward, and what shared contexts forward instead."""
         self.encoder = PairEncoder(tokenizer) if tokenizer is not None else None
         self.chat_template_args = dict(chat_template_args or {})  # to the tokenizer's template, as hf's
+        self._early: _EarlyStart | None = None
+        self.asked_at: float | None = None
+        """When lm-eval first asked for scores (time.time()); with `start_early`, replicas were loading before."""
+        self.first_ready_at: float | None = None
+        """When the first replica that returned a unit had finished loading (time.time())."""
 
     @property
     def eot_token_id(self) -> int:
@@ -174,6 +181,8 @@ class RayDataLM(TemplateLM):
         """Score (context, continuation) text pairs: plan units, reuse stored ones, score the rest."""
         from fjordtune.eval.units import plan_units
 
+        if self.asked_at is None:
+            self.asked_at = time.time()
         if not pairs:
             return []
         units = plan_units(pairs, self.batch_size)
@@ -199,6 +208,7 @@ class RayDataLM(TemplateLM):
                  f"; {num_reused} reused from {self.results.uri}" if num_reused else "")
         if todo:
             self._score_units(todo, out)
+        self.close()  # replicas started early and given nothing (every unit was stored): let them go
         missing = [i for i, r in enumerate(out) if r is None]
         if missing:
             raise RuntimeError(f"{len(missing)} requests came back unscored (first: {missing[:5]})")
@@ -213,28 +223,54 @@ class RayDataLM(TemplateLM):
         for i, r in zip(unit.indices, results, strict=True):
             out[i] = r
 
+    def start_early(self) -> bool:
+        """Start the scoring replicas now, before lm-eval builds its requests, so that they load the model
+        while the driver builds prompts (at 119B: minutes of loading against a minute of prompts). The
+        pipeline waits for its units on a board actor (`_UnitBoard`); `score_pairs` posts them.
+
+        Only when nothing is stored for this model yet (a cold run): where stored units may cover the
+        run, the units are planned first and replicas start only for what is missing (a re-run whose
+        base results are all cached loads no model). Returns whether the replicas were started."""
+        import ray
+
+        if self._early is not None:
+            return True
+        if self.results is not None and self.results.finished():
+            return False
+        num_actors = self.placeable_actors(ray.nodes())  # an impossible actor: the user's error, at once
+        self._early = _EarlyStart(self, num_actors)
+        log.info("%s: starting %d scoring replicas while lm-eval builds its requests", self.name, num_actors)
+        return True
+
+    def close(self) -> None:
+        """End an early start that will get no units (nothing to score, or the eval failed before)."""
+        early, self._early = self._early, None
+        if early is not None:
+            early.close()
+
     def _score_units(self, units: list[Any], out: list[tuple[float, bool] | None]) -> None:
         import ray
 
         by_key = {u.key: u for u in units}
-        num_actors = min(self.placeable_actors(ray.nodes()), len(units))
+        early, self._early = self._early, None
+        num_actors = early.num_actors if early else min(self.placeable_actors(ray.nodes()), len(units))
         log.info("%s: scoring %d units on %d Ray Data actors (up to %d restarts each)", self.name, len(units),
                  num_actors, self.max_restarts)
-        context = ray.data.DataContext.get_current()
-        # the scorer's own errors (a model folder with missing weights) must arrive as themselves
-        context.raise_original_map_exception = True
-        # Ray Data waits for its actors without limit by default: bound it (whole seconds, an int field)
-        previous_wait = context.wait_for_min_actors_s
-        context.wait_for_min_actors_s = max(1, math.ceil(self.actor_start_timeout_s))
+        restore = early.restore if early else _data_context(self.actor_start_timeout_s)
         progress = EvalProgress(self.name, total=sum(len(u.indices) for u in units))
         timed_out = False
         try:
-            with warnings.catch_warnings():  # max_restarts/max_task_retries have no named parameter yet
-                warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-                items = [{"unit": u.key, "requests": u.payload()} for u in units]
-                ds = self._pipeline(ray.data.from_items(items), num_actors=num_actors)
-            for row in ds.iter_rows():
+            if early:
+                rows = early.rows(units)
+            else:
+                with warnings.catch_warnings():  # max_restarts/max_task_retries have no named parameter yet
+                    warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+                    items = [{"unit": u.key, "requests": u.payload()} for u in units]
+                    rows = self._pipeline(ray.data.from_items(items), num_actors=num_actors).iter_rows()
+            for row in rows:
                 unit = by_key[str(row["unit"])]
+                ready = float(row["ready_at"])
+                self.first_ready_at = ready if self.first_ready_at is None else min(self.first_ready_at, ready)
                 got = [(float(lp), bool(g)) for lp, g in zip(json.loads(row["logprob"]), json.loads(row["greedy"]),
                                                               strict=True)]
                 self._place(out, unit, got)
@@ -263,7 +299,7 @@ class RayDataLM(TemplateLM):
                 raise
             timed_out = True
         finally:
-            context.wait_for_min_actors_s = previous_wait
+            restore()
             progress.close()
         if timed_out:
             # Ray Data leaves the actor it waited for pending; once placed, it starts and exits (its handle
@@ -333,6 +369,117 @@ class RayDataLM(TemplateLM):
 
     def generate_until(self, requests: Any, disable_tqdm: bool = False) -> list[str]:
         raise NotImplementedError("fjordtune's Ray Data scorer supports multiple-choice (loglikelihood) tasks only")
+
+
+def _data_context(actor_start_timeout_s: float) -> Any:
+    """Set Ray Data's context for a scoring pipeline; returns the function that restores it."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    # the scorer's own errors (a model folder with missing weights) must arrive as themselves
+    previous = (context.raise_original_map_exception, context.wait_for_min_actors_s)
+    context.raise_original_map_exception = True
+    # Ray Data waits for its actors without limit by default: bound it (whole seconds, an int field)
+    context.wait_for_min_actors_s = max(1, math.ceil(actor_start_timeout_s))
+
+    def restore() -> None:
+        context.raise_original_map_exception, context.wait_for_min_actors_s = previous
+
+    return restore
+
+
+class _UnitBoard:
+    """A Ray actor (no CPU) where the driver posts the units of an early-started pipeline, in shards;
+    each shard's fetch waits until they are posted."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.shards: list[list[dict[str, str]]] | None = None
+        self.posted = asyncio.Event()
+
+    async def post(self, shards: list[list[dict[str, str]]]) -> None:
+        self.shards = shards
+        self.posted.set()
+
+    async def shard(self, index: int) -> list[dict[str, str]]:
+        await self.posted.wait()
+        return self.shards[index] if self.shards and index < len(self.shards) else []
+
+
+def _fetch_shard(row: dict[str, Any], board: Any) -> list[dict[str, str]]:
+    import ray
+
+    return ray.get(board.shard.remote(int(row["id"])))
+
+
+class _EarlyStart:
+    """A scoring pipeline started before its units exist (`RayDataLM.start_early`): Ray Data starts the
+    replicas at once; its input is `SHARDS` shards fetched, one at a time, from a `_UnitBoard`. A thread
+    drains the pipeline into a queue from the start, which is what makes Ray Data execute it."""
+
+    SHARDS_PER_ACTOR = 16
+    """Shards (Ray Data blocks) per replica: enough that the replicas finish within a shard of each other."""
+
+    def __init__(self, lm: RayDataLM, num_actors: int) -> None:
+        import queue
+        import threading
+
+        import ray
+
+        self.num_actors = num_actors
+        self.shards = max(64, self.SHARDS_PER_ACTOR * num_actors)
+        self.board = ray.remote(num_cpus=0)(_UnitBoard).remote()
+        self.restore = _data_context(lm.actor_start_timeout_s)
+        self.posted = False
+        with warnings.catch_warnings():  # max_restarts/max_task_retries have no named parameter yet
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            # from_items, not range: a read task would need a CPU, which the replicas hold while they wait
+            source = ray.data.from_items([{"id": i} for i in range(self.shards)], override_num_blocks=self.shards)
+            source = source.flat_map(_fetch_shard, fn_kwargs={"board": self.board}, num_cpus=0, concurrency=1)
+            self.dataset = lm._pipeline(source, num_actors=num_actors)
+        self.queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.thread = threading.Thread(target=self._drain, name=f"fjordtune-{lm.name}-rows", daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        try:
+            for row in self.dataset.iter_rows():
+                self.queue.put(("row", row))
+            self.queue.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
+            self.queue.put(("error", e))
+
+    def _post(self, units: list[Any]) -> None:
+        import ray
+
+        items = [{"unit": u.key, "requests": u.payload()} for u in units]
+        n = len(items)
+        # contiguous shards keep the units' longest-first order
+        ray.get(self.board.post.remote([items[i * n // self.shards:(i + 1) * n // self.shards]
+                                        for i in range(self.shards)]))
+        self.posted = True
+
+    def rows(self, units: list[Any]) -> Any:
+        """Post the units, then yield the pipeline's rows as they come; its error, raised here."""
+        self._post(units)
+        while True:
+            kind, value = self.queue.get()
+            if kind == "row":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+
+    def close(self) -> None:
+        """No units for this pipeline: post none, so that it ends (its replicas exit with it)."""
+        if not self.posted:
+            try:
+                self._post([])
+            finally:
+                self.restore()
+        self.thread.join(timeout=60)
 
 
 def _actor_start_timed_out(exc: BaseException) -> bool:

@@ -259,11 +259,19 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
         log.warning("eval.chat_template_args is ignored: eval.apply_chat_template is false")
     t0 = time.perf_counter()
     per_doc = DocMetrics(leaf_tasks(task_dict))  # per_doc in results.json, without lm-eval's log_samples
-    raw = lm_eval.evaluator.evaluate(
-        lm=lm, task_dict=task_dict, limit=job.eval.limit, **prompt_kwargs(job),
-        bootstrap_iters=1000, log_samples=False, verbosity="WARNING",
-    )
+    lm.start_early()  # the replicas load the model while lm-eval builds the prompts
+    try:
+        raw = lm_eval.evaluator.evaluate(
+            lm=lm, task_dict=task_dict, limit=job.eval.limit, **prompt_kwargs(job),
+            bootstrap_iters=1000, log_samples=False, verbosity="WARNING",
+        )
+    finally:
+        lm.close()
     seconds = time.perf_counter() - t0
+    if lm.first_ready_at is not None and lm.asked_at is not None:
+        ahead = lm.asked_at - lm.first_ready_at
+        log.info("%s: the first scoring replica was ready %.1f s %s lm-eval asked for scores", label, abs(ahead),
+                 "before" if ahead >= 0 else "after")
     raw["samples"] = samples = per_doc.samples()
     results = summarize(raw, leaf_tasks(task_dict),
                         chance_fn=lambda task: chance_from_samples(task, samples.get(task.config.task, [])))

@@ -265,8 +265,7 @@ class RayDataLM(TemplateLM):
             else:
                 with warnings.catch_warnings():  # max_restarts/max_task_retries have no named parameter yet
                     warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-                    items = [{"unit": u.key, "requests": u.payload()} for u in units]
-                    rows = self._pipeline(ray.data.from_items(items), num_actors=num_actors).iter_rows()
+                    rows = self._pipeline(ray.data.from_items(_unit_rows(units)), num_actors=num_actors).iter_rows()
             for row in rows:
                 unit = by_key[str(row["unit"])]
                 ready = float(row["ready_at"])
@@ -388,6 +387,11 @@ def _data_context(actor_start_timeout_s: float) -> Any:
     return restore
 
 
+def _unit_rows(units: list[Any]) -> list[dict[str, str]]:
+    """A scoring pipeline's input rows: each unit's key and its requests (`Unit.payload`)."""
+    return [{"unit": u.key, "requests": u.payload()} for u in units]
+
+
 class _UnitBoard:
     """A Ray actor (no CPU) where the driver posts the units of an early-started pipeline, in shards;
     each shard's fetch waits until they are posted."""
@@ -453,7 +457,7 @@ class _EarlyStart:
     def _post(self, units: list[Any]) -> None:
         import ray
 
-        items = [{"unit": u.key, "requests": u.payload()} for u in units]
+        items = _unit_rows(units)
         n = len(items)
         # contiguous shards keep the units' longest-first order
         ray.get(self.board.post.remote([items[i * n // self.shards:(i + 1) * n // self.shards]

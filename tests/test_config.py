@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from fjordtune.config import JobSpec, apply_overrides, dump_job, load_job, validate_raw
-from fjordtune.config.load import _model_of, parse_override
+from fjordtune.config.load import _model_of, parse_override, repeated_keys
 from fjordtune.errors import ConfigError, InfraError, PreflightRefused, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,6 +269,38 @@ def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
         load_job(path)
     (line,) = info.value.lines
     assert "\n" not in line and line.startswith(f"{path}: not valid YAML")
+
+
+def test_a_repeated_key_at_any_depth_is_refused_with_file_line_and_key(tmp_path: Path) -> None:
+    """PyYAML keeps the last of a repeated key without a word (`lr` twice: the first is silently lost)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "name: x\n"                                   # 1
+        "train:\n"                                    # 2
+        "  lr: 1.0e-4\n"                              # 3
+        "  epochs: 2\n"                               # 4
+        "  lr: 5.0e-5\n"                              # 5
+        "eval:\n"                                     # 6
+        "  tasks: [noropenbookqa_nob_p0]\n"           # 7
+        "  chat_template_args: {a: 1, a: 2}\n"        # 8
+        "name: y\n"                                   # 9
+        "data:\n"                                     # 10
+        "  sources:\n"                                # 11
+        "    - {path: a.jsonl, path: b.jsonl}\n"      # 12
+    )
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    assert list(info.value.lines) == [
+        f"{path}:5: train.lr: repeated key (first at line 3); keep one",
+        f"{path}:8: eval.chat_template_args.a: repeated key (first at line 8); keep one",
+        f"{path}:9: name: repeated key (first at line 1); keep one",
+        f"{path}:12: data.sources.[0].path: repeated key (first at line 12); keep one",
+    ]
+    # the same keys once each, in separate mappings, and through an alias, are fine
+    ok = tmp_path / "once.yaml"
+    ok.write_text("name: x\ntrain: &t {lr: 1.0e-4}\neval: {tasks: [noropenbookqa_nob_p0]}\n"
+                  "lora: {rank: 8}\nx-copy: *t\n")
+    assert repeated_keys(yaml.compose(ok.read_text(), Loader=yaml.SafeLoader)) == []
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])

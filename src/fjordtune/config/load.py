@@ -70,14 +70,41 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     try:
+        repeated = repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    if repeated:  # YAML keeps the last of a repeated key without a word: a silent change of meaning
+        raise ConfigError(*(f"{path}:{line}: {key}: repeated key (first at line {first}); keep one"
+                            for key, line, first in repeated))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def repeated_keys(node: Any, path: tuple[str, ...] = (), seen: set[int] | None = None) -> list[tuple[str, int, int]]:
+    """(key path, line, line of its first occurrence) of every key repeated within one mapping, at any
+    depth of a composed YAML document (1-based lines). A node reached again through an alias is read once."""
+    out: list[tuple[str, int, int]] = []
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return out
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key in first:
+                out.append((".".join((*path, key)), line, first[key]))
+            first.setdefault(key, line)
+            out += repeated_keys(value_node, (*path, key), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += repeated_keys(item, (*path, f"[{i}]"), seen)
+    return out
 
 
 def validate_raw(raw: Mapping[str, Any], *, source: str, overrides: Sequence[str] = ()) -> JobSpec:

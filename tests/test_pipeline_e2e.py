@@ -67,6 +67,26 @@ def test_run_writes_report_results_and_png(full_run):
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_run_summarises_telemetry_per_worker_and_replica(full_run):
+    """No GPU here and no fake NVML asked for: the summary says utilisation is missing, and still has every
+    process's own peak memory against preflight's prediction (test_submit_e2e.py has the GPU figures)."""
+    job, out, _ = full_run
+    train = json.loads((out / "run.json").read_text())["telemetry"]
+    assert train["role"] == "train" and "no GPU telemetry" in train["note"]
+    assert [p["rank"] for p in train["processes"]] == ["0", "1"]
+    for p in train["processes"]:
+        assert p["gpus"] == [] and p["interval_s"] == job.telemetry.interval_s
+        assert 50 << 20 < p["process_peak_bytes"] < 8 << 30
+        assert p["predicted_peak_bytes"] == json.loads((out / "run.json").read_text())["predicted_peak_bytes"]
+    for label in ("base", "tuned"):
+        res = json.loads((out / label / "results.json").read_text())
+        (replica,) = res["telemetry"]["processes"]
+        assert replica["role"] == "eval" and replica["rank"] == "0"
+        assert replica["items_done"] == res["num_scored"] > 0
+    md = (out / "report.md").read_text()
+    assert "## GPU telemetry" in md and "### Training workers" in md and "### Eval replicas (tuned)" in md
+
+
 def test_adapter_in_bucket_is_peft_format_and_loads(full_run, tmp_path):
     from peft import PeftModel
 

@@ -108,6 +108,8 @@ def train(job: JobSpec, *, predicted_peak_bytes: int | None = None) -> dict[str,
     for key in ("base_eval_loss", "eval_loss", "peak_memory_bytes", "predicted_peak_bytes"):
         if key in meta:
             info[key] = meta[key]
+    if outcome.telemetry:
+        info["telemetry"] = outcome.telemetry  # per GPU: utilisation, memory against the prediction, warnings
     return info
 
 

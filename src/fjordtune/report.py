@@ -177,7 +177,8 @@ def write_report(*, output_dir: str | Path, base: dict[str, Any] | None, tuned: 
         parts += ["## Held-out loss", "", "Loss on rows training never saw (data.eval_files / eval_fraction), "
                   "before the first step (base) and after the last (tuned); lower is better.", "", held, ""]
     if train:
-        parts += ["## Training", ""] + [f"- {k}: {v}" for k, v in train.items()] + [""]
+        parts += ["## Training", ""] + [f"- {k}: {v}" for k, v in train.items() if k != "telemetry"] + [""]
+    parts += telemetry_section(train, base, tuned)
     md = out / "report.md"
     md.write_text("\n".join(parts))
     combined = out / "summary.json"
@@ -185,6 +186,22 @@ def write_report(*, output_dir: str | Path, base: dict[str, Any] | None, tuned: 
 
     combined.write_text(dumps_results({"base": base, "tuned": tuned, "train": train}))
     return {"markdown": md, "png": png, "summary": combined, "table": table, "words": words, "held_out": held}
+
+
+def telemetry_section(train: dict[str, Any] | None, base: dict[str, Any] | None,
+                      tuned: dict[str, Any] | None) -> list[str]:
+    """Per GPU: utilisation (mean, p5, p95), longest idle stretch, memory against the GPU's total and
+    preflight's prediction, and the warnings; for training and each eval. Empty when none was measured."""
+    from fjordtune.telemetry.summary import markdown
+
+    blocks = [((train or {}).get("telemetry"), "Training workers")]
+    blocks += [((r or {}).get("telemetry"), f"Eval replicas ({name})") for name, r in (("base", base), ("tuned", tuned))]
+    tables = [markdown(block, title=title) for block, title in blocks if block]
+    if not tables:
+        return []
+    return ["## GPU telemetry", "", "Sampled every `telemetry.interval_s` in each process (docs/telemetry.md); "
+            "utilisation over the working phase (training steps, scoring), memory peaks over the whole run.", "",
+            *tables]
 
 
 def _pct(x: float | None) -> str:

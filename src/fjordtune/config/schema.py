@@ -325,9 +325,16 @@ class ResourcesSection(Section):
 class TelemetrySection(Section):
     """GPU telemetry (NVML) and Ray metrics."""
 
-    nvml: bool = Field(default=True, description="Sample GPU utilisation and memory with NVML (skipped without GPUs).")
-    interval_s: float = Field(default=5.0, gt=0, description="Seconds between samples.")
-    ray_metrics: bool = Field(default=True, description="Export samples and training metrics as Ray metrics.")
+    nvml: bool = Field(default=True, description="Sample GPU utilisation, memory, power and temperature with NVML "
+                       "in every training worker and eval replica (skipped where NVML finds no GPU).")
+    interval_s: float = Field(default=1.0, gt=0, description="Seconds between samples (and metric updates).")
+    ray_metrics: bool = Field(default=True, description="Export samples and training/eval figures as Ray metrics "
+                              "(Prometheus, `ray_fjordtune_*`); the end-of-run summary is kept either way.")
+    idle_warning_s: float = Field(default=60.0, gt=0, description="Warn in the summary when a GPU stays below 10% "
+                                  "utilisation this many seconds in a row while training or scoring.")
+    peak_tflops: float | None = Field(default=None, gt=0, description="Peak BF16 TFLOP/s of one GPU, for the MFU "
+                                      "estimate; default: by NVML device name (H100/H200 SXM 989, A100 312), none on "
+                                      "CPU.")
 
 
 class SubmitSection(Section):

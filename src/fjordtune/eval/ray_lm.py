@@ -37,7 +37,8 @@ class ScoreActor:
 
     def __init__(self, *, model_uri: str, adapter_uri: str | None, dtype: str, use_gpu: bool, tokenizer: Any,
                  storage: dict[str, Any] | None = None, cache_dir: str | None = None,
-                 results: dict[str, Any] | None = None, tensor_parallel: int = 1) -> None:
+                 results: dict[str, Any] | None = None, tensor_parallel: int = 1,
+                 telemetry: dict[str, Any] | None = None) -> None:
         import torch
 
         from fjordtune.eval.scorer import Scorer
@@ -49,6 +50,7 @@ class ScoreActor:
         # not one per core of the node, which every replica on it would otherwise start
         os.environ.setdefault("RAYON_NUM_THREADS", str(torch.get_num_threads()))
         self.error: FjordtuneError | None = None
+        self.monitor = _replica_monitor(telemetry, use_gpu=use_gpu)  # from the start: loading is its setup phase
         self.encoder = PairEncoder(tokenizer)  # the driver's own tokenizer object: the same ids as lm-eval's
         try:
             store = Store(**(storage or {}))  # plain settings: credentials come from the actor's environment
@@ -69,6 +71,8 @@ class ScoreActor:
             # from the first batch instead, where it travels as itself and reaches the user as such
             self.error = e
         self.ready_at = time.time()
+        if self.monitor is not None:
+            self.monitor.phase("score")
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from fjordtune.eval.units import Unit, UnitResult, token_counts
@@ -96,6 +100,8 @@ class ScoreActor:
             out["scored"].append(scored)
             out["pid"].append(os.getpid())
             out["ranks"].append(getattr(self.scorer, "world", 1))  # processes that scored it (tensor parallel)
+            if self.monitor is not None and scored:
+                self.monitor.items(len(got.results))
         return out
 
 
@@ -108,7 +114,8 @@ class RayDataLM(TemplateLM):
                  cache_dir: str | None = None,
                  actor_start_timeout_s: float = ACTOR_START_TIMEOUT_S,
                  chat_template_args: dict[str, Any] | None = None, results: Any = None,
-                 max_restarts: int = 2, fill_cluster: bool = False, tensor_parallel: int = 1) -> None:
+                 max_restarts: int = 2, fill_cluster: bool = False, tensor_parallel: int = 1,
+                 telemetry: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.model_uri, self.adapter_uri, self.dtype = model_uri, adapter_uri, dtype
@@ -141,6 +148,9 @@ class RayDataLM(TemplateLM):
         """When lm-eval first asked for scores (time.time()); with `start_early`, replicas were loading before."""
         self.first_ready_at: float | None = None
         """When the first replica that returned a unit had finished loading (time.time())."""
+        self.telemetry = telemetry
+        """Monitor settings for the replicas (`telemetry_settings`); None: no telemetry."""
+        self._telemetry_board: Any = None
 
     @property
     def eot_token_id(self) -> int:
@@ -257,7 +267,9 @@ class RayDataLM(TemplateLM):
         log.info("%s: scoring %d units on %d Ray Data actors (up to %d restarts each)", self.name, len(units),
                  num_actors, self.max_restarts)
         restore = early.restore if early else _data_context(self.actor_start_timeout_s)
-        progress = EvalProgress(self.name, total=sum(len(u.indices) for u in units))
+        t = self.telemetry or {}
+        progress = EvalProgress(self.name, total=sum(len(u.indices) for u in units),
+                                tags={"job": t.get("job") or "-", "run": t.get("run") or "-"})
         timed_out = False
         try:
             if early:
@@ -350,6 +362,7 @@ class RayDataLM(TemplateLM):
                 "tokenizer": self.tokenizer,
                 "results": self.results.settings() if self.results else None,
                 "tensor_parallel": self.tensor_parallel,
+                "telemetry": self._replica_telemetry(),
             },
             batch_size=1,  # one unit per call: a unit is already a batch of requests
             batch_format="numpy",
@@ -363,11 +376,79 @@ class RayDataLM(TemplateLM):
             max_task_retries=self.max_restarts,
         )
 
+    def _replica_telemetry(self) -> dict[str, Any] | None:
+        """The replicas' monitor settings and the board they leave their summaries on (made once)."""
+        import ray
+
+        if self.telemetry is None:
+            return None
+        if self._telemetry_board is None:
+            self._telemetry_board = ray.remote(num_cpus=0)(TelemetryBoard).remote()
+        return {**self.telemetry, "board": self._telemetry_board}
+
+    def telemetry_summary(self) -> dict[str, Any] | None:
+        """Every replica's telemetry summary, as of its last sample (at most `interval_s` old)."""
+        import ray
+
+        from fjordtune.telemetry.summary import combine
+
+        if self._telemetry_board is None:
+            return None
+        try:
+            procs = ray.get(self._telemetry_board.summaries.remote(), timeout=30)
+        except Exception as e:  # noqa: BLE001 (a report, never a reason to fail a finished eval)
+            log.warning("%s: no telemetry summary from the replicas: %s", self.name, e)
+            return None
+        return combine(procs, role="eval") if procs else None
+
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> list[float]:
         raise NotImplementedError("fjordtune's Ray Data scorer supports multiple-choice (loglikelihood) tasks only")
 
     def generate_until(self, requests: Any, disable_tqdm: bool = False) -> list[str]:
         raise NotImplementedError("fjordtune's Ray Data scorer supports multiple-choice (loglikelihood) tasks only")
+
+
+class TelemetryBoard:
+    """A small actor of the driver's: numbers the scoring replicas (their `rank` tag) and keeps each one's
+    latest telemetry summary, which the replica's monitor leaves here at every sample."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, dict[str, Any]] = {}
+        self.next = 0
+
+    def register(self) -> int:
+        self.next += 1
+        return self.next - 1
+
+    def post(self, index: int, summary: dict[str, Any]) -> None:
+        self.procs[index] = summary
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return [self.procs[i] for i in sorted(self.procs)]
+
+
+def _replica_monitor(settings: dict[str, Any] | None, *, use_gpu: bool) -> Any:
+    """A started `Monitor` for a scoring replica, or None without telemetry settings."""
+    if not settings:
+        return None
+    import ray
+
+    from fjordtune.telemetry.gpu import open_sampler
+    from fjordtune.telemetry.monitor import Monitor
+
+    board = settings["board"]
+    index = ray.get(board.register.remote(), timeout=60)
+    peak = None
+    if use_gpu:
+        import torch
+
+        peak = lambda: max((torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())),  # noqa: E731
+                           default=0)
+    return Monitor(role="eval", rank=index, run=settings["run"], job=settings.get("job", ""),
+                   sampler=open_sampler() if settings.get("nvml", True) else None,
+                   interval_s=settings.get("interval_s", 1.0), export=settings.get("export", True),
+                   idle_warning_s=settings.get("idle_warning_s", 60.0), process_peak=peak,
+                   on_sample=lambda m: board.post.remote(index, m.summary())).start()
 
 
 def _data_context(actor_start_timeout_s: float) -> Any:
@@ -521,8 +602,9 @@ class EvalProgress:
     """Requests scored, rate and ETA: a log line every `every_s` seconds (and at the end), and Ray
     metrics for the dashboard (`fjordtune_eval_requests_done`, `_total`, `_eta_seconds`)."""
 
-    def __init__(self, label: str, *, total: int, every_s: float = 10.0) -> None:
+    def __init__(self, label: str, *, total: int, every_s: float = 10.0, tags: dict[str, str] | None = None) -> None:
         self.label, self.total, self.every_s = label, total, every_s
+        self.tags = {"job": "-", "run": "-", **(tags or {}), "model": label}
         self.done = 0
         self.start = self.last = time.monotonic()
         self.gauges: dict[str, Any] = {}
@@ -532,7 +614,7 @@ class EvalProgress:
             for name, desc in (("requests_done", "eval requests scored so far"),
                                ("requests_total", "eval requests to score"),
                                ("eta_seconds", "estimated seconds until the eval is scored")):
-                self.gauges[name] = Gauge(f"fjordtune_eval_{name}", description=desc, tag_keys=("model",))
+                self.gauges[name] = Gauge(f"fjordtune_eval_{name}", description=desc, tag_keys=("job", "run", "model"))
         except Exception as e:  # noqa: BLE001 (metrics are a convenience; never fail an eval on them)
             log.debug("no Ray metrics for eval progress: %s", e)
         self._publish(eta=None)
@@ -554,7 +636,7 @@ class EvalProgress:
         self._publish(eta=eta)
 
     def _publish(self, *, eta: float | None) -> None:
-        tags = {"model": self.label}
+        tags = self.tags
         for name, value in (("requests_done", self.done), ("requests_total", self.total),
                             ("eta_seconds", eta if eta is not None else -1)):
             if name in self.gauges:

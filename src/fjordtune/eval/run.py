@@ -253,7 +253,7 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
         gpus_per_worker=max(1, plan.gpus_per_replica), fill_cluster=plan.auto_replicas and job.resources.use_gpu,
         chat_template_args=job.eval.chat_template_args,
         results=result_store(job, store, model_uri=model_uri, adapter_uri=adapter_uri, tokenizer=tokenizer),
-        max_restarts=job.eval.max_restarts, tensor_parallel=ranks,
+        max_restarts=job.eval.max_restarts, tensor_parallel=ranks, telemetry=telemetry_settings(job),
     )
     if not job.eval.apply_chat_template and job.eval.chat_template_args:
         log.warning("eval.chat_template_args is ignored: eval.apply_chat_template is false")
@@ -285,11 +285,27 @@ def evaluate(job: JobSpec, *, model_uri: str, adapter_uri: str | None, label: st
                    seconds=round(seconds, 2), num_fewshot=job.eval.num_fewshot,
                    apply_chat_template=job.eval.apply_chat_template,
                    protocol=protocol_of(task_dict, job, chat_template=template))
+    telemetry = lm.telemetry_summary()
+    if telemetry:
+        from fjordtune.telemetry.summary import log_lines
+
+        results["telemetry"] = telemetry  # per GPU of each replica: utilisation, memory, warnings
+        for line in log_lines(telemetry):
+            log.info("%s: %s", label, line)
     for w in results["warnings"]:
         log.warning("%s: %s", label, w)
     if output_dir:
         write_results(results, output_dir)
     return results
+
+
+def telemetry_settings(job: JobSpec) -> dict[str, Any]:
+    """What each scoring replica's `Monitor` needs (plain data: it travels to the actors)."""
+    from fjordtune.telemetry.monitor import job_id
+
+    t = job.telemetry
+    return {"run": job.name, "job": job_id(), "interval_s": t.interval_s, "nvml": t.nvml, "export": t.ray_metrics,
+            "idle_warning_s": t.idle_warning_s}
 
 
 def result_store(job: JobSpec, store: Any, *, model_uri: str, adapter_uri: str | None, tokenizer: Any) -> Any:

@@ -1,19 +1,28 @@
-"""GPU telemetry through NVML, exported as Ray metrics while a job runs.
+"""GPU samples through NVML: utilisation, memory, power and temperature of this process's GPUs.
 
 `NvmlSampler` takes the NVML module as an argument: the real `pynvml` (nvidia-ml-py) on a GPU node,
-`FakeNvml` in tests on machines without one. Both have the same interface.
+`FakeNvml` on machines without one. Both have the same interface. The fake is used only where a test
+asks for it (`FJORDTUNE_FAKE_NVML`, see `open_sampler`): a CPU run otherwise reports no GPU telemetry
+rather than invented numbers.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+FAKE_NVML_ENV = "FJORDTUNE_FAKE_NVML"
+"""Set (to anything but empty or 0) in a test's environment, workers sample `FakeNvml.of_this_process()`
+instead of NVML. Never set it in a real job: its numbers describe CPU work, not a GPU."""
+
+NVML_TEMPERATURE_GPU = 0  # pynvml.NVML_TEMPERATURE_GPU
 
 
 @dataclass(frozen=True)
@@ -22,14 +31,16 @@ class GpuSample:
     utilization_pct: float
     memory_used_bytes: int
     memory_total_bytes: int
+    power_w: float | None = None
+    temperature_c: float | None = None
 
 
 class NvmlSampler:
     """Samples the GPUs at `indices` (NVML numbering; default all). NVML sees every GPU of the node
     whatever CUDA_VISIBLE_DEVICES says, so a Ray worker passes its own: see `visible_gpu_indices`."""
 
-    def __init__(self, nvml: Any, indices: list[int] | None = None) -> None:
-        self.nvml = nvml
+    def __init__(self, nvml: Any, indices: list[int] | None = None, *, source: str = "nvml") -> None:
+        self.nvml, self.source = nvml, source
         nvml.nvmlInit()
         count = nvml.nvmlDeviceGetCount()
         self.indices = [i for i in (range(count) if indices is None else indices) if 0 <= i < count]
@@ -40,8 +51,29 @@ class NvmlSampler:
         for i, h in zip(self.indices, self.handles):
             util = self.nvml.nvmlDeviceGetUtilizationRates(h)
             mem = self.nvml.nvmlDeviceGetMemoryInfo(h)
-            out.append(GpuSample(i, float(util.gpu), int(mem.used), int(mem.total)))
+            out.append(GpuSample(i, float(util.gpu), int(mem.used), int(mem.total), self._power(h), self._temperature(h)))
         return out
+
+    def _power(self, h: Any) -> float | None:
+        try:
+            return self.nvml.nvmlDeviceGetPowerUsage(h) / 1000.0  # milliwatts
+        except Exception:  # noqa: BLE001 (not every board reports power: leave it out)
+            return None
+
+    def _temperature(self, h: Any) -> float | None:
+        try:
+            return float(self.nvml.nvmlDeviceGetTemperature(h, NVML_TEMPERATURE_GPU))
+        except Exception:  # noqa: BLE001
+            return None
+
+    def device_name(self) -> str | None:
+        if not self.handles:
+            return None
+        try:
+            name = self.nvml.nvmlDeviceGetName(self.handles[0])
+        except Exception:  # noqa: BLE001
+            return None
+        return name.decode() if isinstance(name, bytes) else str(name)
 
     def close(self) -> None:
         self.nvml.nvmlShutdown()
@@ -58,24 +90,54 @@ def visible_gpu_indices(env: dict[str, str] | None = None) -> list[int] | None:
         return None
 
 
-def open_sampler() -> NvmlSampler | None:
-    """An NVML sampler for this process's GPUs, or None where there is no NVML (CPU machines)."""
+def open_sampler(env: dict[str, str] | None = None) -> NvmlSampler | None:
+    """An NVML sampler for this process's GPUs; the fake one where `FJORDTUNE_FAKE_NVML` asks for it;
+    None where there is no NVML (CPU machines)."""
+    env = os.environ if env is None else env
+    if env.get(FAKE_NVML_ENV, "0") not in ("", "0"):
+        return NvmlSampler(FakeNvml.of_this_process(), source="fake")
     try:
         import pynvml
 
-        sampler = NvmlSampler(pynvml, visible_gpu_indices())
+        sampler = NvmlSampler(pynvml, visible_gpu_indices(env))
     except Exception as e:  # no driver, no library: telemetry is optional
         log.info("NVML unavailable (%s): GPU telemetry off", type(e).__name__)
         return None
     return sampler if sampler.handles else None
 
 
-class FakeNvml:
-    """Stands in for `pynvml` where no GPU exists: fixed utilisation and memory per device."""
+Value = list[float] | Callable[[int], float]
 
-    def __init__(self, *, utilization: list[float], memory_used: list[int], memory_total: int) -> None:
+
+class FakeNvml:
+    """Stands in for `pynvml` where no GPU exists. Utilisation and memory per device are fixed lists or
+    functions of the device index (called at every sample)."""
+
+    def __init__(self, *, utilization: Value, memory_used: list[int] | Callable[[int], int], memory_total: int,
+                 count: int | None = None, power_w: float = 300.0, temperature_c: float = 45.0,
+                 name: str = "FakeNvml GPU") -> None:
         self._util, self._used, self._total = utilization, memory_used, memory_total
+        self._count = len(utilization) if count is None and isinstance(utilization, list) else (count or 0)
+        self._power, self._temp, self._name = power_w, temperature_c, name
         self.initialized = False
+
+    @classmethod
+    def of_this_process(cls, memory_total: int = 80 << 30) -> FakeNvml:
+        """One device whose utilisation is this process's CPU use since the previous sample (one core =
+        100%) and whose memory used is this process's anonymous resident memory: numbers that move with
+        the work the process really does, for tests on CPU machines."""
+        from fjordtune.telemetry.rss import rss_anon_bytes
+
+        last = [time.monotonic(), time.process_time()]
+
+        def utilization(_: int) -> float:
+            now, cpu = time.monotonic(), time.process_time()
+            pct = 100.0 * (cpu - last[1]) / max(now - last[0], 1e-6)
+            last[:] = [now, cpu]
+            return max(0.0, min(100.0, pct))
+
+        return cls(utilization=utilization, memory_used=lambda _: rss_anon_bytes() or 0, memory_total=memory_total,
+                   count=1, name="FakeNvml (this process's CPU use and RssAnon)")
 
     def nvmlInit(self) -> None:
         self.initialized = True
@@ -84,66 +146,27 @@ class FakeNvml:
         self.initialized = False
 
     def nvmlDeviceGetCount(self) -> int:
-        return len(self._util)
+        return self._count
 
     def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
         assert self.initialized, "nvmlInit not called"
         return i
 
+    def _at(self, value: Any, h: int) -> Any:
+        return value(h) if callable(value) else value[h]
+
     def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
-        return SimpleNamespace(gpu=self._util[h], memory=0)
+        return SimpleNamespace(gpu=self._at(self._util, h), memory=0)
 
     def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
-        return SimpleNamespace(used=self._used[h], total=self._total, free=self._total - self._used[h])
+        used = self._at(self._used, h)
+        return SimpleNamespace(used=used, total=self._total, free=self._total - used)
 
+    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
+        return int(1000 * self._power)
 
-class MetricsExporter:
-    """Ray gauges for training progress and (optionally) GPU samples, set from a background thread."""
+    def nvmlDeviceGetTemperature(self, h: int, sensor: int) -> int:
+        return int(self._temp)
 
-    def __init__(self, *, rank: int, run: str, sampler: NvmlSampler | None, interval_s: float) -> None:
-        from ray.util.metrics import Gauge
-
-        tags = ("run", "rank")
-        self.tags = {"run": run, "rank": str(rank)}
-        self.gauges = {
-            name: Gauge(f"fjordtune_{name}", description=desc, tag_keys=tags)
-            for name, desc in [
-                ("train_loss", "Training loss (mean over tokens of all ranks)"),
-                ("train_step", "Optimizer steps done"),
-                ("train_tokens_per_s", "Label tokens per second, all ranks"),
-                ("gpu_utilization_pct", "NVML GPU utilisation of this worker's GPU(s)"),
-                ("gpu_memory_used_bytes", "NVML memory used on this worker's GPU(s)"),
-            ]
-        }
-        self.sampler, self.interval_s = sampler, interval_s
-        self.peak_memory = 0
-        self.util_samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if sampler is not None:
-            self._thread = threading.Thread(target=self._loop, name="fjordtune-nvml", daemon=True)
-            self._thread.start()
-
-    def set(self, name: str, value: float) -> None:
-        self.gauges[name].set(value, tags=self.tags)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample_once()
-
-    def sample_once(self) -> None:
-        for s in self.sampler.sample() if self.sampler else []:
-            self.set("gpu_utilization_pct", s.utilization_pct)
-            self.set("gpu_memory_used_bytes", s.memory_used_bytes)
-            self.util_samples.append(s.utilization_pct)
-            self.peak_memory = max(self.peak_memory, s.memory_used_bytes)
-
-    def close(self) -> dict[str, float]:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-        summary = {}
-        if self.util_samples:
-            summary["gpu_utilization_mean_pct"] = sum(self.util_samples) / len(self.util_samples)
-            summary["gpu_memory_peak_bytes"] = float(self.peak_memory)
-        return summary
+    def nvmlDeviceGetName(self, h: int) -> str:
+        return self._name

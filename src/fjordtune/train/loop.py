@@ -47,6 +47,8 @@ class Hooks:
     committed: Callable[[int], None] = lambda step: None
     """A checkpoint of `step` is committed, or the run resumed from it (rank 0)."""
     telemetry: Any = None
+    """A `fjordtune.telemetry.monitor.Monitor` (or anything with `phase(name)` and `step(...)`): told the
+    phase (train, eval, checkpoint) and every step's figures."""
     report_every_s: float = REPORT_EVERY_S
     """0: report every step."""
 
@@ -135,14 +137,23 @@ def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: in
     held = eval_batches(data.eval, batch_size=t.micro_batch_size, rank=rank, world_size=world,
                         pad_id=pad) if data.eval else []
 
+    tel = hooks.telemetry
+
+    def phase(name: str) -> None:
+        if tel is not None:
+            tel.phase(name)
+
     def held_out_loss() -> float:
         t0 = time.perf_counter()
+        phase("eval")
         loss, tokens = core.eval_loss(held)
+        phase("train")
         if rank == 0:
             log.info("held-out loss %.4f at step %d (%d tokens, %.1f s)", loss, core.step, tokens,
                      time.perf_counter() - t0)
         return loss
 
+    phase("train")
     if held and base_eval is None and start == 0:
         base_eval = held_out_loss()  # LoRA B starts at zero: this is the base model's loss
 
@@ -194,20 +205,22 @@ def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: in
                          metrics["tokens_per_s"], metrics["label_tokens_per_s"], dt, _gib(max(peaks)),
                          f" (preflight {_gib(predicted_peak_bytes)})" if predicted_peak_bytes else "",
                          f" eval_loss {metrics['eval_loss']:.4f}" if measured else "")
-            if hooks.telemetry:
-                hooks.telemetry.set("train_loss", res.loss)
-                hooks.telemetry.set("train_step", step)
-                hooks.telemetry.set("train_tokens_per_s", metrics["tokens_per_s"])
+            if tel is not None:
+                tel.step(step=step, loss=res.loss, lr=res.lr, tokens=res.num_input_tokens, seconds=dt,
+                         world=world)
             if step % every_ckpt == 0 or step == data.total_steps:
+                phase("checkpoint")  # the local save; its upload runs beside the next steps
                 writer.start(core, step=step, epoch=epoch, metrics=metrics,
                              progress={"schedule": schedule.as_dict(), "base_eval_loss": base_eval,
                                        "world_size": world})
                 if step == data.total_steps:
                     writer.wait()  # the last checkpoint is the run's record: it must be committed
+                phase("train")
             if report_due or step == data.total_steps:
                 hooks.report(metrics)
                 last_report = time.monotonic()
         epoch += 1
+    phase("checkpoint")
     writer.wait()
     if rank == 0 and step > start:
         elapsed = time.perf_counter() - run_t0

@@ -31,21 +31,30 @@ class TrainOutcome:
     final_loss: float | None
     num_steps: int
     metrics: dict[str, Any]
+    telemetry: dict[str, Any] | None = None
 
 
 class LastCommitted:
     """A small actor the driver owns: the step of the newest checkpoint the workers committed or resumed
     from. When the run fails, the driver's error line names it even if Ray Train restarted the worker group
-    and the new workers failed before they could say (storage not answering)."""
+    and the new workers failed before they could say (storage not answering). Rank 0 also leaves the
+    workers' telemetry summary here at the end."""
 
     def __init__(self) -> None:
         self.step: int | None = None
+        self.telemetry: dict[str, Any] | None = None
 
     def set(self, step: int) -> None:
         self.step = step if self.step is None else max(self.step, step)
 
     def get(self) -> int | None:
         return self.step
+
+    def set_telemetry(self, block: dict[str, Any]) -> None:
+        self.telemetry = block
+
+    def get_telemetry(self) -> dict[str, Any] | None:
+        return self.telemetry
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -56,9 +65,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from fjordtune.model.load import local_model_dir, local_tokenizer_dir
     from fjordtune.storage import Store, cache_root
-    from fjordtune.telemetry.gpu import MetricsExporter, open_sampler
-    from fjordtune.train.checkpointing import find_resume_point, load_checkpoint, retrying
-    from fjordtune.train.core import TrainerCore
+    from fjordtune.telemetry.flops import model_flops_per_token, peak_flops
+    from fjordtune.telemetry.gpu import open_sampler
+    from fjordtune.telemetry.monitor import Monitor
+    from fjordtune.telemetry.summary import combine, log_lines
+    from fjordtune.train.checkpointing import find_resume_point, gather_objects, load_checkpoint, retrying
+    from fjordtune.train.core import TrainerCore, peak_memory_bytes
     from fjordtune.train.loop import Hooks, prepare_data, train_loop
 
     # Ray Train routes a worker's print through the root logger *and* the wrapped stdout (every line
@@ -72,6 +84,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if job.resources.use_gpu else torch.device("cpu")
     if rank == 0:
         log.info("worker group: %d ranks, rank 0 pid %d", world, os.getpid())
+    tel = job.telemetry
+    # from the start: setup (the model download and load) is where GPUs idle longest
+    monitor = Monitor(role="train", rank=rank, run=job.name, job=config.get("ray_job", ""),
+                      sampler=open_sampler() if tel.nvml else None, interval_s=tel.interval_s,
+                      predicted_peak_bytes=config.get("predicted_peak_bytes"), export=tel.ray_metrics,
+                      idle_warning_s=tel.idle_warning_s).start()
 
     # Config and tokenizer first: the model is built on the meta device and sharded before a single
     # weight is read, and a resumed run reads its checkpoint before it touches the base weights.
@@ -81,6 +99,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         core = TrainerCore(job, model_dir=meta_dir, device=device, load_base=False)
     if rank == 0:
         log.info("%s", core.coverage.table())
+    if device.type == "cuda":  # what preflight predicts; on CPU the monitor's own RssAnon peak
+        monitor.process_peak = lambda: peak_memory_bytes(device)
+    monitor.flops_per_token = model_flops_per_token(core.model)
+    monitor.peak_flops = peak_flops(monitor.device_name, tel.peak_tflops)
     data = prepare_data(core, config["rows"], config["eval_rows"], world=world)
     if rank == 0:
         for note in data.notes:
@@ -98,21 +120,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if start < data.total_steps:
         # one download per node (a file lock in the node cache), then each rank reads only its slices
         core.load_base_weights(local_model_dir(config["model_uri"], store=store, cache_root=cache))
-        telemetry = None
-        if job.telemetry.ray_metrics:
-            sampler = open_sampler() if job.telemetry.nvml and job.resources.use_gpu else None
-            telemetry = MetricsExporter(rank=rank, run=job.name, sampler=sampler, interval_s=job.telemetry.interval_s)
         hooks = Hooks(report=ray.train.report, committed=lambda step: config["progress"].set.remote(step),
-                      telemetry=telemetry)
+                      telemetry=monitor)
         train_loop(core, data, store=store, run_uri=job.run_uri, rank=rank, world=world, resume=resume, hooks=hooks,
                    predicted_peak_bytes=config.get("predicted_peak_bytes"),
                    staging_dir=str(Path(cache) / "checkpoint-staging"))
-        summary = telemetry.close() if telemetry else {}
-        if rank == 0 and summary:
-            log.info("telemetry: %s", summary)
     elif rank == 0:
         log.info("the checkpoint is at step %d of %d: nothing left to train, base weights not read",
                  start, data.total_steps)
+    block = combine(gather_objects(monitor.close()), role="train")  # a collective: every rank's summary
+    if rank == 0:
+        for line in log_lines(block):
+            log.info("%s", line)
+        config["progress"].set_telemetry.remote(block)
 
     with tempfile.TemporaryDirectory(prefix="fjordtune-adapter-") as tmp:
         if core.save_adapter(tmp):
@@ -131,6 +151,7 @@ def run_training(job: JobSpec, *, model_uri: str, predicted_peak_bytes: int | No
     from fjordtune.data.sft import read_rows, split_eval
     from fjordtune.storage import Store, cache_root
     from fjordtune.storage import checkpoints as ckpts
+    from fjordtune.telemetry.monitor import job_id
 
     store = Store.for_job(job)
     # Read (and check) the data here, before any worker starts: bad rows fail fast and cost no GPU,
@@ -147,7 +168,8 @@ def run_training(job: JobSpec, *, model_uri: str, predicted_peak_bytes: int | No
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": dump_job(job), "model_uri": model_uri, "adapter_uri": adapter_uri, "rows": rows,
-                           "eval_rows": eval_rows, "progress": progress, "predicted_peak_bytes": predicted_peak_bytes},
+                           "eval_rows": eval_rows, "progress": progress, "predicted_peak_bytes": predicted_peak_bytes,
+                           "ray_job": job_id()},
         # ranks that wait for their node's one model download (238 GB) meet the others at the first
         # collective only after it: a longer timeout than the 30-minute default
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo", timeout_s=PROCESS_GROUP_TIMEOUT_S),
@@ -178,7 +200,11 @@ def run_training(job: JobSpec, *, model_uri: str, predicted_peak_bytes: int | No
     if last is None:
         raise InfraError(f"training finished but no checkpoint is committed under {ckpts.checkpoints_uri(job.run_uri)}")
     meta = dict(last.pointer.meta)
-    return TrainOutcome(adapter_uri, meta.get("loss"), int(meta.get("step", last.step)), meta)
+    try:
+        telemetry = ray.get(progress.get_telemetry.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 (the summary is a report, never a reason to fail a finished run)
+        telemetry = None
+    return TrainOutcome(adapter_uri, meta.get("loss"), int(meta.get("step", last.step)), meta, telemetry)
 
 
 def _failure_line(e: Any, max_failures: int) -> str:

@@ -271,6 +271,54 @@ def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
     assert "\n" not in line and line.startswith(f"{path}: not valid YAML")
 
 
+def test_validate_exits_2_on_a_repeated_key_with_file_line_and_key(tmp_path: Path, capsys) -> None:
+    """The command a user runs: a top-level and a nested repeat, each on its own `error:` line, exit 2."""
+    from fjordtune import cli
+
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: a\n"              # 1
+                    "train:\n"               # 2
+                    "  epochs: 2\n"          # 3
+                    "  lr: 5.0e-5\n"         # 4
+                    "  epochs: 3\n"          # 5
+                    "name: b\n")             # 6
+    assert cli.main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {path}:5: train.epochs: repeated key (first at line 3); keep one",
+        f"error: {path}:6: name: repeated key (first at line 1); keep one",
+    ]
+
+
+@pytest.mark.parametrize(("yaml_text", "expected"), [
+    ("eval:\n  chat_template_args: {lang: no}\n", "eval.chat_template_args.lang: `no` reads as False: write true/false"),
+    ("data:\n  packing: yes\n", "data.packing: `yes` reads as True"),
+    ("train:\n  seed: 0123\n", "train.seed: `0123` reads as octal (83)"),
+    ("submit:\n  env_vars: {TIMEOUT: 1:30}\n", "submit.env_vars.TIMEOUT: `1:30` reads as a base-60 number (90)"),
+    ("base: &b {lr: 1.0e-4}\ntrain:\n  <<: *b\n  lr: 2.0e-4\n", "train: `<<` merge key"),
+    ("on: 1\n", "on: the key `on` reads as a boolean"),
+])
+def test_yaml_1_1_surprises_are_refused_with_line_and_key(tmp_path: Path, yaml_text: str, expected: str) -> None:
+    """PyYAML reads YAML 1.1: `no` is false (the Norway problem), `0123` is octal, `1:30` is 90, and a key
+    beside a `<<` merge silently wins. Each is an error naming the line; quoting is the fix."""
+    path = tmp_path / "job.yaml"
+    path.write_text("name: x\n" + yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    (line,) = info.value.lines
+    assert line.startswith(f"{path}:") and expected in line, line
+    quoted = tmp_path / "quoted.yaml"  # the same, quoted or written out, passes the YAML check
+    quoted.write_text("name: x\neval:\n  chat_template_args: {lang: 'no', t: '1:30', n: '0123', ok: true, f: 0.5}\n")
+    with pytest.raises(ConfigError) as info:
+        load_job(quoted)
+    assert not any("reads as" in e for e in info.value.lines), info.value.lines  # only schema errors remain
+
+
+def test_an_override_with_a_yaml_1_1_surprise_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"--set eval.tasks: `no` reads as False"):
+        parse_override("eval.tasks=[nrk_quiz_qa_nob, no]")
+    assert parse_override("eval.tasks=[nrk_quiz_qa_nob, 'no']")[1] == ["nrk_quiz_qa_nob", "no"]
+
+
 def test_a_repeated_key_at_any_depth_is_refused_with_file_line_and_key(tmp_path: Path) -> None:
     """PyYAML keeps the last of a repeated key without a word (`lr` twice: the first is silently lost)."""
     path = tmp_path / "twice.yaml"

@@ -33,10 +33,13 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.lr=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
+        silent = silent_yaml(yaml.compose(raw, Loader=yaml.SafeLoader)) if raw.strip() else []
     except yaml.YAMLError as e:
         secret = _URL_USERINFO.search(raw) or any(map(_is_credential_name, [*path, *re.findall(r"[\w.-]+", raw)]))
         shown = f"{key.strip()}=..." if secret else repr(text)
         raise ConfigError(f"--set {shown}: value is not valid YAML ({_yaml_problem(e)})") from None
+    if silent:
+        raise ConfigError(*(f"--set {'.'.join(path)}: {why}" for _, _, why in silent))
     return path, value
 
 
@@ -70,13 +73,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        repeated = repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        repeated = repeated_keys(node)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
-    if repeated:  # YAML keeps the last of a repeated key without a word: a silent change of meaning
-        raise ConfigError(*(f"{path}:{line}: {key}: repeated key (first at line {first}); keep one"
-                            for key, line, first in repeated))
+    problems = [(line, f"{path}:{line}: {key}: repeated key (first at line {first}); keep one")
+                for key, line, first in repeated]  # YAML keeps the last one without a word
+    problems += [(line, f"{path}:{line}: {key}: {why}") for key, line, why in silent_yaml(node)]
+    if problems:
+        raise ConfigError(*(text for _, text in sorted(problems)))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -104,6 +110,48 @@ def repeated_keys(node: Any, path: tuple[str, ...] = (), seen: set[int] | None =
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out += repeated_keys(item, (*path, f"[{i}]"), seen)
+    return out
+
+
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?$")
+_OCTAL = re.compile(r"^[-+]?0[0-9_]+$")
+
+
+def silent_yaml(node: Any, path: tuple[str, ...] = (), seen: set[int] | None = None) -> list[tuple[str, int, str]]:
+    """(key path, line, why) of every YAML 1.1 construct that PyYAML reads differently from what it looks
+    like: `yes`/`no`/`on`/`off` read as booleans (the "Norway problem": a language code `no` becomes
+    false), `1:30` read as 90 (base 60), `0755` read as octal 493, and `<<` merge keys, where a key
+    written beside the merge silently wins. Quoted scalars are taken as written, so quoting is the fix."""
+    out: list[tuple[str, int, str]] = []
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return out
+    seen.add(id(node))
+    where = ".".join(path) or "(top level)"
+    if isinstance(node, yaml.ScalarNode) and node.style is None:
+        v, line = str(node.value), node.start_mark.line + 1
+        if node.tag.endswith(":bool") and v.lower() not in ("true", "false"):
+            out.append((where, line, f"`{v}` reads as {v.lower() in ('yes', 'on', 'y')!s}: write true/false, or "
+                                     f"quote it ('{v}') for the text"))
+        elif node.tag.endswith((":int", ":float")) and _SEXAGESIMAL.match(v):
+            out.append((where, line, f"`{v}` reads as a base-60 number ({yaml.safe_load(v)}): quote it ('{v}')"))
+        elif node.tag.endswith(":int") and _OCTAL.match(v) and v.strip("+-0_"):
+            out.append((where, line, f"`{v}` reads as octal ({yaml.safe_load(v)}): drop the leading zero, or "
+                                     f"quote it ('{v}')"))
+    elif isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                out.append((where, key_node.start_mark.line + 1, "`<<` merge key: a key written beside it silently "
+                            "wins over the merged one; write the keys out (anchors and aliases alone are fine)"))
+                continue
+            if isinstance(key_node, yaml.ScalarNode) and key_node.style is None and key_node.tag.endswith(":bool"):
+                out.append((".".join((*path, key)), key_node.start_mark.line + 1,
+                            f"the key `{key}` reads as a boolean: quote it ('{key}')"))
+            out += silent_yaml(value_node, (*path, key), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out += silent_yaml(item, (*path, f"[{i}]"), seen)
     return out
 
 

@@ -327,3 +327,48 @@ def test_monitor_inside_a_ray_worker_exports_and_summarises(local_ray: None) -> 
     assert [g["gpu"] for g in s["gpus"]] == [0, 1, 2]
     assert [g["utilization_mean_pct"] for g in s["gpus"]] == [30.0, 50.0, 85.5]
     assert s["gpus"][1]["memory_peak_bytes"] == 61 * GIB and s["predicted_peak_bytes"] == GIB
+
+
+# -- the Grafana dashboard (that a live scrape finds every series: tests/test_submit_e2e.py) ----------
+
+def dashboard_metrics() -> set[str]:
+    import json
+    import re
+    from pathlib import Path
+
+    import fjordtune
+
+    path = Path(fjordtune.__file__).resolve().parents[2] / "cluster" / "grafana" / "fjordtune-dashboard.json"
+    dash = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    return {m for e in exprs for m in re.findall(r"\bray_fjordtune_[a-z0-9_]*[a-z0-9]", e)}
+
+
+def test_dashboard_queries_only_series_fjordtune_declares() -> None:
+    declared = {f"ray_fjordtune_{name}" for name in METRICS}
+    declared |= {f"ray_fjordtune_eval_{n}" for n in ("requests_done", "requests_total", "eta_seconds")}
+    used = dashboard_metrics()
+    assert used and used <= declared, used - declared
+    # what the issue asks the dashboard to show
+    for needed in ("gpu_utilization_pct", "gpu_memory_used_bytes", "predicted_peak_memory_bytes",
+                   "train_tokens_per_s", "train_loss", "train_lr", "eval_requests_done"):
+        assert f"ray_fjordtune_{needed}" in used, needed
+
+
+def test_dashboard_is_importable_beside_rays() -> None:
+    import json
+    from pathlib import Path
+
+    import fjordtune
+
+    path = Path(fjordtune.__file__).resolve().parents[2] / "cluster" / "grafana" / "fjordtune-dashboard.json"
+    dash = json.loads(path.read_text())
+    assert dash["uid"] == "fjordtune-runs" and not dash["uid"].startswith("rayDefault")
+    names = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "job", "run"} <= names
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            assert t["datasource"]["uid"] == "${datasource}"
+            assert 'run=~"$run"' in t["expr"], t["expr"]  # every query follows the run picker

@@ -269,7 +269,7 @@ class RayDataLM(TemplateLM):
         restore = early.restore if early else _data_context(self.actor_start_timeout_s)
         t = self.telemetry or {}
         progress = EvalProgress(self.name, total=sum(len(u.indices) for u in units),
-                                tags={"job": t.get("job") or "-", "run": t.get("run") or "-"})
+                                tags={"ray_job": t.get("job") or "-", "run": t.get("run") or "-"})
         timed_out = False
         try:
             if early:
@@ -604,7 +604,7 @@ class EvalProgress:
 
     def __init__(self, label: str, *, total: int, every_s: float = 10.0, tags: dict[str, str] | None = None) -> None:
         self.label, self.total, self.every_s = label, total, every_s
-        self.tags = {"job": "-", "run": "-", **(tags or {}), "model": label}
+        self.tags = {"ray_job": "-", "run": "-", **(tags or {}), "model": label}
         self.done = 0
         self.start = self.last = time.monotonic()
         self.gauges: dict[str, Any] = {}
@@ -614,7 +614,7 @@ class EvalProgress:
             for name, desc in (("requests_done", "eval requests scored so far"),
                                ("requests_total", "eval requests to score"),
                                ("eta_seconds", "estimated seconds until the eval is scored")):
-                self.gauges[name] = Gauge(f"fjordtune_eval_{name}", description=desc, tag_keys=("job", "run", "model"))
+                self.gauges[name] = Gauge(f"fjordtune_eval_{name}", description=desc, tag_keys=("ray_job", "run", "model"))
         except Exception as e:  # noqa: BLE001 (metrics are a convenience; never fail an eval on them)
             log.debug("no Ray metrics for eval progress: %s", e)
         self._publish(eta=None)

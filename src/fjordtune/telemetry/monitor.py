@@ -3,7 +3,7 @@
 Ray already exports per-node series (`ray_node_gpus_utilization`, `ray_node_gram_used`, CPU, disk).
 A `Monitor` adds what a node-level view cannot say: which rank or replica a GPU belongs to, which run
 and phase it is in, the process's own peak allocated memory against preflight's prediction, tokens/s,
-step time, MFU and eval throughput. Every series is a `ray.util.metrics.Gauge` tagged with job (the
+step time, MFU and eval throughput. Every series is a `ray.util.metrics.Gauge` tagged with ray_job (the
 Ray submission), run (the job file's name), node, rank and role (train/eval); GPU series also with the
 GPU index, the phase series with the phase.
 
@@ -34,7 +34,9 @@ WORK_PHASE = {"train": "train", "eval": "score"}
 """The phase whose utilisation the summary leads with, per role: setup (loading 238 GB of weights) and
 checkpoints idle the GPUs by design."""
 
-TAGS = ("job", "run", "node", "rank", "role")
+TAGS = ("ray_job", "run", "node", "rank", "role")
+"""`ray_job`, not `job`: Prometheus keeps `job` for its scrape job and renames an exposed `job` label to
+`exported_job` (honor_labels false, the default), which would break every query on it."""
 METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     # name: (description, tags beyond TAGS)
     "gpu_utilization_pct": ("NVML GPU utilisation of a rank's GPU", ("gpu",)),
@@ -161,7 +163,7 @@ class Monitor:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.role, self.rank, self.run = role, str(rank), run
         self.node = node or _node_ip()
-        self.tags = {"job": job or "-", "run": run, "node": self.node, "rank": self.rank, "role": role}
+        self.tags = {"ray_job": job or "-", "run": run, "node": self.node, "rank": self.rank, "role": role}
         self.gauges = Gauges(self.tags, export=export)
         self.sampler, self.interval_s = sampler, interval_s
         self.predicted_peak_bytes = predicted_peak_bytes

@@ -28,5 +28,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
-export RAY_AUTH_MODE=disabled
+# Ray token auth: the demo's Ray head and every shipped cluster run with it (outputs/devstack.env, cluster/,
+# docs/security.md) and nothing here turns it off for them. Only the test suite's throwaway in-process
+# clusters (ray.init(address="local") in tests) keep running without it, unless RAY_AUTH_MODE is set.
+if [ "$EXTRAS" = test ]; then export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"; fi
 export PYTHONUNBUFFERED=1

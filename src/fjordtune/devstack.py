@@ -5,21 +5,27 @@
     python -m fjordtune.devstack down --state-dir outputs/devstack
 
 SeaweedFS runs with credentials generated for the run, so authentication is on (without the AWS
-variables `weed` enforces no auth at all). Everything binds to 127.0.0.1. `up` creates the buckets
-named by --bucket (default: fjordtune-demo, the bucket of jobs/demo.yaml): fjordtune itself never
-creates buckets.
+variables `weed` enforces no auth at all). The Ray head runs with token authentication on
+(RAY_AUTH_MODE=token): a token generated for the run sits in `<state dir>/ray-auth-token` (0600), the head
+reads it through RAY_AUTH_TOKEN_PATH, and the export lines name that file, so `ray job submit` and
+`fjordtune submit` work after `source`-ing them and are refused without them. The dashboard and job
+server bind to 127.0.0.1; the GCS and the raylet listen on every interface whatever the flags say, and
+the token is what keeps others out of them. `up` creates the buckets named by --bucket (default:
+fjordtune-demo, the bucket of jobs/demo.yaml): fjordtune itself never creates buckets.
 
 `down` stops what `up` started and nothing else: the Ray head by its process group, so other Ray
 clusters on the machine live on (`ray stop` would end them all).
 
-The state dir is owner-only (0700) and the files that hold the generated secret, `stack.json` and the
---env-file, are created 0600: on a shared machine nobody else can read the keys, nor SeaweedFS's data
-and logs under the state dir.
+The state dir is owner-only (0700) and the files that hold the generated secrets, `stack.json`, the
+--env-file and `ray-auth-token`, are created 0600: on a shared machine nobody else can read the keys,
+the token, nor SeaweedFS's data and logs under the state dir. The token itself is in no process's
+environment or command line, only its path.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -29,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +43,8 @@ from typing import Any
 
 #: The bucket of jobs/demo.yaml, created by `up` unless --bucket names others.
 DEMO_BUCKET = "fjordtune-demo"
+#: The file under the state dir that holds the Ray head's auth token.
+RAY_TOKEN_FILE = "ray-auth-token"
 
 
 def free_port() -> int:
@@ -209,8 +218,56 @@ def _ray_cli() -> str:
     return shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray") or "ray"
 
 
-def start_ray_head(*, num_cpus: int, env: dict[str, str], temp_dir: str | None = None) -> RayHead:
-    """`ray start --head` with dashboard and metrics on loopback; workers inherit `env` (S3 keys)."""
+def new_auth_token(path: Path) -> Path:
+    """Write a fresh Ray auth token (256 random bits, what `ray get-auth-token --generate` makes) to `path`,
+    owner-only from the start (Ray's own ~/.ray/auth_token is created with the umask's mode, often 0644)."""
+    write_private(path, secrets.token_hex(32))
+    return path.resolve()
+
+
+def token_auth_env(token_path: Path) -> dict[str, str]:
+    """The variables that turn Ray's token authentication on with the token in `token_path`: the head and
+    every process below it (workers, job drivers) verify and send it; clients (`ray job submit`, fjordtune,
+    `ray.init`) send it. Ray reads RAY_AUTH_TOKEN first, then RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+
+
+def token_auth_for_private_cluster() -> None:
+    """Token authentication for the private Ray cluster this process is about to start (`ray.init(address=
+    "local")`) when RAY_AUTH_MODE is unset: RAY_AUTH_MODE=token and, unless RAY_AUTH_TOKEN or
+    RAY_AUTH_TOKEN_PATH already name a token, a fresh one in an owner-only temporary file, removed at exit.
+
+    Ray 2.60 turns token auth on for a new local cluster by itself, but writes the token to ~/.ray/auth_token
+    with the umask's mode (0644 here), keeps it after the run (every later `ray start` of the user then turns
+    auth on with it) and logs a warning that suggests RAY_AUTH_MODE=disabled. An explicit RAY_AUTH_MODE
+    (token or disabled) is the caller's choice and is left alone. Only for a cluster this process starts:
+    joining an existing cluster takes the mode and token from the environment, as Ray does."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        folder = Path(tempfile.mkdtemp(prefix="fjordtune-ray-auth-"))  # 0700
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(new_auth_token(folder / "token"))
+        atexit.register(_forget_private_token, folder)
+    # Ray caches its config (the auth mode) and the token at first use: read both again from the
+    # environment, as Ray's own switch to token mode does (authentication_token_setup._enable_token_auth)
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _forget_private_token(folder: Path) -> None:
+    import ray
+
+    ray.shutdown()  # first the cluster (its processes read the token while they run), then the token
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_ray_head(*, num_cpus: int, env: dict[str, str], auth_token_path: Path,
+                   temp_dir: str | None = None) -> RayHead:
+    """`ray start --head` with dashboard and metrics on loopback and token authentication on (the token in
+    `auth_token_path`); workers inherit `env` (S3 keys)."""
     port, dash, metrics = free_port(), free_port(), free_port()
     cmd = [
         _ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
@@ -221,7 +278,8 @@ def start_ray_head(*, num_cpus: int, env: dict[str, str], temp_dir: str | None =
     ]
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
-    full_env = {**os.environ, **env, "RAY_AUTH_MODE": "disabled"}
+    full_env = {**os.environ, **env, **token_auth_env(auth_token_path)}
+    full_env.pop("RAY_AUTH_TOKEN", None)  # it would win over the file (a token of some other cluster)
     # the head's PATH decides which `python` a job entrypoint runs: put this venv first
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
     # a session of its own: the head's services share one process group, which `RayHead.stop` ends
@@ -281,15 +339,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         s3.create_buckets(args.bucket or [DEMO_BUCKET])
         # the node cache of models and adapters lives with the rest of the stack (workers inherit the head's env)
         cache = {"FJORDTUNE_CACHE": str((state / "cache").resolve())}
-        ray_head = start_ray_head(num_cpus=args.num_cpus, env={**s3.env, **cache}, temp_dir=args.ray_temp_dir)
+        token_path = new_auth_token(state / RAY_TOKEN_FILE)
+        ray_head = start_ray_head(num_cpus=args.num_cpus, env={**s3.env, **cache}, auth_token_path=token_path,
+                                  temp_dir=args.ray_temp_dir)
     except BaseException:
         s3.stop()
         raise
     write_private(state / "stack.json", json.dumps({"s3": asdict(s3), "ray": asdict(ray_head)}, indent=2))
-    # RAY_ADDRESS (the GCS) is for ray.init, RAY_API_SERVER_ADDRESS (the dashboard) for `ray job ...`
+    # RAY_ADDRESS (the GCS) is for ray.init, RAY_API_SERVER_ADDRESS (the dashboard) for `ray job ...`;
+    # the token's path, not the token: a RAY_AUTH_TOKEN left in the shell would win over it, so it is unset
     exports = {**s3.env, **cache, "RAY_ADDRESS": ray_head.address, "RAY_API_SERVER_ADDRESS": ray_head.dashboard_url,
-               "RAY_AUTH_MODE": "disabled", "FJORDTUNE_METRICS_URL": ray_head.metrics_url}
-    text = "".join(f"export {k}={v}\n" for k, v in exports.items())
+               **token_auth_env(token_path), "FJORDTUNE_METRICS_URL": ray_head.metrics_url}
+    text = "unset RAY_AUTH_TOKEN\n" + "".join(f"export {k}={v}\n" for k, v in exports.items())
     if args.env_file:
         write_private(Path(args.env_file), text)
     else:
@@ -306,6 +367,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     RayHead(**stack["ray"]).stop()
     S3Server(**stack["s3"]).stop()
     path.unlink()
+    (path.parent / RAY_TOKEN_FILE).unlink(missing_ok=True)  # the token of a head that is gone
     return 0
 
 

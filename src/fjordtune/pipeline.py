@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fjordtune import stopping
 from fjordtune.config.schema import JobSpec
 from fjordtune.storage import Store
 
@@ -33,7 +34,8 @@ def connect_ray(job: JobSpec) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Never turns Ray's token auth off: joining a cluster uses RAY_AUTH_MODE and the token of the environment
+    # (the cluster's own under `ray job submit`); only a private cluster started here picks its mode.
     address = os.environ.get("RAY_ADDRESS", "")
     if address.startswith(("http://", "https://")):
         # a job-server (dashboard) URL: right for `ray job submit`, not for joining the cluster
@@ -44,7 +46,10 @@ def connect_ray(job: JobSpec) -> None:
     elif (running := _live_local_cluster()) is not None:  # e.g. `fjordtune train` on a head node
         log.info("joining the Ray cluster running on this node at %s", running)
         ray.init(address=running, logging_level=logging.WARNING)
-    else:  # no cluster: a private local one for this process
+    else:  # no cluster: a private local one for this process, with token auth unless RAY_AUTH_MODE says otherwise
+        from fjordtune.devstack import token_auth_for_private_cluster
+
+        token_auth_for_private_cluster()
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     ctx = ray.get_runtime_context()
     say(f"Ray: connected (node {ctx.get_node_id()[:8]}), resources {ray.cluster_resources()}")
@@ -140,6 +145,10 @@ def evaluate(job: JobSpec, *, output_dir: str | Path, adapter_uri: str | None = 
 
 def report(job: JobSpec, *, output_dir: str | Path, base: dict[str, Any] | None, tuned: dict[str, Any] | None,
            train_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write report.md, scores.png and summary.json into `output_dir`, and commit them with each model's
+    results.json (`base/`, `tuned/`, as in `output_dir`) to `<run_uri>/report/`, where `fjordtune submit`
+    fetches them from."""
+    from fjordtune.eval.run import write_results
     from fjordtune.report import write_report
 
     paths = write_report(output_dir=output_dir, base=base, tuned=tuned, train=train_info, title=f"fjordtune: {job.name}")
@@ -147,27 +156,35 @@ def report(job: JobSpec, *, output_dir: str | Path, base: dict[str, Any] | None,
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("report.md", "scores.png", "summary.json"):
             Path(tmp, name).write_bytes(Path(output_dir, name).read_bytes())
+        for label, results in (("base", base), ("tuned", tuned)):
+            if results is not None:
+                write_results(results, Path(tmp, label))
         store.upload_dir(tmp, f"{job.run_uri}/report")
     return paths
 
 
 def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
-    """The whole pipeline. Returns the report paths; everything is also committed to storage."""
+    """The whole pipeline. Returns the report paths; everything is also committed to storage. SIGTERM
+    (`ray job stop`) raises `stopping.StopRequested` once the training workers are aborted."""
     out = Path(output_dir)
     say(f"== fjordtune run {job.name}: storage {job.run_uri}, local output {out.resolve()}")
-    Store.for_job(job).check_bucket(job.storage.uri)  # seconds, before the estimate and any GPU
+    store = Store.for_job(job)
+    store.check_bucket(job.storage.uri)  # seconds, before the estimate and any GPU
     if job.eval.models:  # eval.tasks / eval.num_fewshot typos: now, not after training
         from fjordtune.eval.run import check_tasks
 
         say(f"== eval tasks: {len(check_tasks(job))} lm-eval tasks, checked")
     estimate = preflight(job)
-    info = train(job, predicted_peak_bytes=estimate.estimate.total_bytes)
-    base = tuned = None
-    if "base" in job.eval.models:
-        base = evaluate(job, output_dir=out / "base", label="base")
-    if "tuned" in job.eval.models:
-        tuned = evaluate(job, output_dir=out / "tuned", adapter_uri=info["adapter_uri"], label="tuned")
-    paths = report(job, output_dir=out, base=base, tuned=tuned, train_info=info)
+    connect_ray(job)  # before the stop handler: `ray.init` installs a SIGTERM handler of its own
+    with stopping.stop_on_sigterm(run_uri=job.run_uri, store=store):  # `ray job stop`: see stopping.py
+        with stopping.training():
+            info = train(job, predicted_peak_bytes=estimate.estimate.total_bytes)
+        base = tuned = None
+        if "base" in job.eval.models:
+            base = evaluate(job, output_dir=out / "base", label="base")
+        if "tuned" in job.eval.models:
+            tuned = evaluate(job, output_dir=out / "tuned", adapter_uri=info["adapter_uri"], label="tuned")
+        paths = report(job, output_dir=out, base=base, tuned=tuned, train_info=info)
     say("")
     say(paths["table"])
     say("")
@@ -178,6 +195,7 @@ def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
         say("")
     say(f"report: {paths['markdown'].resolve()}")
     say(f"chart:  {paths['png'].resolve()}")
-    say(f"stored: {job.run_uri}/report/ (adapter: {info['adapter_uri']})")
+    say(f"stored: {job.run_uri}/report/ (report, chart, summary, results.json of each model; "
+        f"adapter: {info['adapter_uri']})")
     (out / "run.json").write_text(json.dumps({"job": job.name, **info}, indent=2) + "\n")
     return paths

@@ -12,6 +12,12 @@ with both variables out of the environment: a job meant for one cluster never la
 Credentials never travel with the job: the runtime_env carries only the job file's `submit` section
 (whose `env_vars` the loader has already checked for credentials) and the metadata only the job name;
 the job reads its keys from the cluster's own environment.
+
+The job's files land in storage, not here: `fjordtune run` on the cluster commits the report, the chart,
+summary.json and each model's results.json to `<storage.uri>/<name>/report/`. After a job that
+succeeded, `submit` prints that URI and copies the folder (verified) to `outputs/<name>/` or
+--fetch-dir, reading storage with this machine's credentials, as preflight does. Ctrl-C stops the
+following, not the job: it prints the `ray job stop` command that would.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fjordtune.config import load_job
 from fjordtune.config.schema import JobSpec
-from fjordtune.errors import InfraError, InternalError, UserError
+from fjordtune.errors import FjordtuneError, InfraError, InternalError, UserError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 #: The variables through which Ray's job client picks a cluster on its own.
@@ -86,7 +93,7 @@ def address_variables_cleared() -> Iterator[None]:
 def connect(url: str) -> Any:
     """A `JobSubmissionClient` bound to `url` and nothing else, built with the address variables out of the
     environment; an unreachable or wrong URL is an `InfraError` naming what to check."""
-    from ray.exceptions import RayError
+    from ray.exceptions import AuthenticationError, RayError
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -94,6 +101,10 @@ def connect(url: str) -> Any:
             client = JobSubmissionClient(url)
     except ConnectionError:  # Ray turns requests' connection errors into the builtin one
         raise InfraError(f"submit: cannot reach the Ray job server at {url} (connection failed): {_CHECK}") from None
+    except AuthenticationError as e:  # HTTP 401 (no token sent) or 403 (a wrong one); Ray's text is a page long
+        refused = "refused the Ray auth token sent" if "Authentication failed" in str(e) else "requires a Ray auth token"
+        raise InfraError(f"submit: the job server at {url} {refused}: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH "
+                         "(a file holding the cluster's token) or RAY_AUTH_TOKEN (see docs/security.md)") from None
     except (RuntimeError, OSError, ValueError, KeyError, RayError) as e:  # 404, not JSON, auth refused, bad URL
         raise InfraError(f"submit: {url} did not answer as a Ray job server ({_short(e)}): {_CHECK}") from None
     # Ray resolves the address once, here; every later call (submit_job, get_job_status, get_job_logs,
@@ -125,13 +136,17 @@ def entrypoint(job_path: str, overrides: list[str], output_dir: str | None = Non
 
 
 def submit(job_path: str, *, overrides: list[str], address: str | None, wait: bool = True,
-           skip_preflight: bool = False, output_dir: str | None = None, cluster: str | None = None) -> int:
+           skip_preflight: bool = False, output_dir: str | None = None, cluster: str | None = None,
+           fetch_dir: str | None = None, fetch: bool = True) -> int:
     """Validate and preflight `job_path`, submit `fjordtune run` to the job server and, with `wait`,
-    follow its logs; the exit status is the job's (0 succeeded, 3 otherwise).
+    follow its logs; the exit status is the job's (0 succeeded, 3 otherwise, 130 when Ctrl-C ends the
+    following: the job runs on).
 
     `address`: the job server URL (--address); when None, the job file or the environment names it and a
     `cluster: URL (from SOURCE)` line says which. `cluster`: a cluster file (KubeRay manifest or launcher
-    YAML) whose node shapes preflight checks the placement against, instead of `resources.gpus_per_node`."""
+    YAML) whose node shapes preflight checks the placement against, instead of `resources.gpus_per_node`.
+    `fetch`: after a job that succeeded, copy its report folder from storage to `fetch_dir` (default
+    `outputs/<name>`, where `fjordtune run` writes by default)."""
     job = load_job(job_path, overrides)
     target = resolve_address(address, job=job, job_path=job_path, overrides=overrides)
     if target.source != "--address":
@@ -158,8 +173,48 @@ def submit(job_path: str, *, overrides: list[str], address: str | None, wait: bo
                             f"{_short(e)}") from None
         print(f"submitted {sub_id} to {target.url}; dashboard: {target.url}/#/jobs/{sub_id}", flush=True)
         if not wait:
+            print(f"report (once it succeeds): {report_uri(job)}/", flush=True)
             return 0
-        return follow(client, sub_id, url=target.url)
+        try:
+            status = follow(client, sub_id, url=target.url)
+        except KeyboardInterrupt:
+            print(f"\nstopped following; job {sub_id} keeps running on {target.url}\n"
+                  f"  follow it: ray job logs {sub_id} --address {target.url} --follow\n"
+                  f"  stop it:   ray job stop {sub_id} --address {target.url}", flush=True)
+            return 130
+    if status == 0 and fetch:
+        fetch_report(job, fetch_dir or f"outputs/{job.name}")
+    elif status == 0:
+        print(f"report: {report_uri(job)}/", flush=True)
+    return status
+
+
+def report_uri(job: JobSpec) -> str:
+    """Where `fjordtune run` commits the report, the chart, summary.json and each model's results.json."""
+    return f"{job.run_uri}/report"
+
+
+def fetch_report(job: JobSpec, dest: str | Path) -> Path | None:
+    """Copy the job's committed report folder from storage to `dest` (each file checked against the
+    manifest) and say where it came from and what came; None, and one line, when storage cannot be read
+    from here: the job has succeeded, its report stays in storage."""
+    from fjordtune.storage import Store
+
+    uri, dest = report_uri(job), Path(dest)
+    try:
+        store = Store.for_job(job)
+        commit = store.commit_id(uri)
+        manifest = store.manifest(uri, commit)
+        dest.mkdir(parents=True, exist_ok=True)
+        store.download_files(uri, sorted(manifest), dest, commit=commit, manifest=manifest)
+    except (FjordtuneError, OSError) as e:
+        why = e.lines[0] if isinstance(e, FjordtuneError) else _short(e)
+        print(f"report: {uri}/ could not be fetched from here ({why}); the job succeeded and the report stays "
+              "in storage", flush=True)
+        return None
+    print(f"report: {uri}/ (commit {commit}; files under {store.commit_uri(uri, commit)}/)", flush=True)
+    print(f"fetched to {dest.resolve()}: {', '.join(sorted(manifest))}", flush=True)
+    return dest
 
 
 def follow(client: Any, sub_id: str, *, url: str = "", poll_s: float = 2.0) -> int:

@@ -103,3 +103,34 @@ def test_real_nvml_sampler_sees_this_gpu():
     samples = sampler.sample()
     assert samples and all(s.memory_total_bytes > 0 and 0 <= s.utilization_pct <= 100 for s in samples)
     sampler.close()
+
+
+def test_monitor_on_a_busy_gpu_sees_the_work_power_and_the_peak():
+    """The per-rank monitor with real NVML, no Ray: busy matmuls in the working phase read as high
+    utilisation, power and temperature are reported, the device name gives a peak for MFU, and the
+    process peak is CUDA's own max_memory_allocated."""
+    import time
+
+    from fjordtune.telemetry.flops import peak_flops
+    from fjordtune.telemetry.gpu import open_sampler
+    from fjordtune.telemetry.monitor import Monitor
+
+    dev = torch.device("cuda", 0)
+    mon = Monitor(role="train", rank=0, run="gpu-check", sampler=open_sampler(), interval_s=0.2, export=False,
+                  process_peak=lambda: torch.cuda.max_memory_allocated(dev)).start()
+    mon.phase("train")
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    t_end = time.monotonic() + 4
+    while time.monotonic() < t_end:
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize(dev)
+    s = mon.close()
+    g = s["gpus"][0]
+    print("monitor on GPU:", s["device"], {k: g[k] for k in ("utilization_mean_pct", "utilization_p5_pct",
+                                                           "utilization_p95_pct", "power_mean_w",
+                                                           "temperature_max_c", "samples")})
+    assert g["samples"] >= 10 and g["utilization_mean_pct"] > 50, g
+    assert g["power_mean_w"] and g["power_mean_w"] > 50 and g["temperature_max_c"] is not None
+    assert peak_flops(s["device"]) is not None, s["device"]
+    assert s["process_peak_bytes"] >= 8192 * 8192 * 2 and s["source"] == "nvml"

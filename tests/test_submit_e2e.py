@@ -554,3 +554,5 @@ def test_the_run_summarises_each_gpu_in_results_and_report(submitted_run) -> Non
     md = (out / "report.md").read_text()
     assert "## GPU telemetry" in md and "| 0 |" in md and "fake NVML" in md
     assert re.search(r"telemetry train rank 1 GPU 0: utilisation during train mean \d+%", proc.stdout)
+    assert re.search(r"^telemetry train: 2 GPU\(s\) \[fake NVML\], utilisation during train \d+-\d+%", proc.stdout, re.M)
+    assert re.search(r"^telemetry eval tuned: 1 GPU\(s\) \[fake NVML\], utilisation during score", proc.stdout, re.M)

@@ -372,3 +372,15 @@ def test_dashboard_is_importable_beside_rays() -> None:
         for t in p.get("targets", []):
             assert t["datasource"]["uid"] == "${datasource}"
             assert 'run=~"$run"' in t["expr"], t["expr"]  # every query follows the run picker
+
+
+def test_headline_says_how_busy_and_lists_warnings() -> None:
+    from fjordtune.telemetry.summary import headline
+
+    busy = run_monitor([("train", 80.0)] * 3, used=77 * GIB)
+    line = headline(combine([busy, dict(run_monitor([("train", 90.0)] * 3), rank="4")], role="train"), label="train")
+    first, *rest = line.splitlines()
+    assert first.startswith("telemetry train: 2 GPU(s), utilisation during train 80-90% (mean per GPU)")
+    assert first.endswith("1 warning(s)") and len(rest) == 1 and "memory reached 96%" in rest[0]
+    none = headline(combine([Monitor(role="eval", rank=0, run="r", export=False).summary()], role="eval"), label="eval")
+    assert none.startswith("telemetry eval: 1 process(es), no GPU sampled; process peak")

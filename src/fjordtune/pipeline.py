@@ -193,6 +193,14 @@ def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
     if paths.get("held_out"):
         say(paths["held_out"])
         say("")
+    from fjordtune.telemetry.summary import headline
+
+    lines = [headline(b, label=name) for name, b in (("train", info.get("telemetry")),
+                                                     ("eval base", (base or {}).get("telemetry")),
+                                                     ("eval tuned", (tuned or {}).get("telemetry"))) if b]
+    if lines:
+        say("\n".join(lines))
+        say("")
     say(f"report: {paths['markdown'].resolve()}")
     say(f"chart:  {paths['png'].resolve()}")
     say(f"stored: {job.run_uri}/report/ (report, chart, summary, results.json of each model; "

@@ -82,3 +82,23 @@ def log_lines(block: dict[str, Any] | None) -> list[str]:
                        f"{_gib(g['memory_total_bytes'])} GiB; {mem}")
     out += [f"telemetry warning: {w}" for w in block.get("warnings", [])]
     return out
+
+
+def headline(block: dict[str, Any], *, label: str) -> str:
+    """One line for the end of a run: how busy the GPUs were while working, the memory peak, and the
+    warnings (listed below it), or that no GPU was sampled."""
+    procs = block.get("processes", [])
+    gpus = [g for p in procs for g in p.get("gpus", [])]
+    peak = max((p.get("process_peak_bytes") or 0 for p in procs), default=0)
+    pred = max((p.get("predicted_peak_bytes") or 0 for p in procs), default=0)
+    mem = f"process peak {_gib(peak)} GiB" + (f" (predicted {_gib(pred)})" if pred else "")
+    warnings = block.get("warnings", [])
+    tail = "".join(f"\n  warning: {w}" for w in warnings)
+    if not gpus:
+        return f"telemetry {label}: {len(procs)} process(es), no GPU sampled; {mem}{tail}"
+    means = [g["utilization_mean_pct"] for g in gpus if g["utilization_mean_pct"] is not None]
+    util = (f"utilisation during {gpus[0]['phase']} {min(means):.0f}-{max(means):.0f}% (mean per GPU)" if means
+            else "no working-phase sample")
+    fake = " [fake NVML]" if block.get("source") == "fake" else ""
+    return (f"telemetry {label}: {len(gpus)} GPU(s){fake}, {util}; {mem}; "
+            f"{len(warnings) or 'no'} warning(s){tail}")

@@ -384,3 +384,19 @@ def test_headline_says_how_busy_and_lists_warnings() -> None:
     assert first.endswith("1 warning(s)") and len(rest) == 1 and "memory reached 96%" in rest[0]
     none = headline(combine([Monitor(role="eval", rank=0, run="r", export=False).summary()], role="eval"), label="eval")
     assert none.startswith("telemetry eval: 1 process(es), no GPU sampled; process peak")
+
+
+@pytest.mark.integration
+def test_every_series_is_set_again_at_each_sample(local_ray: None) -> None:
+    """Ray ages a gauge's series out two report intervals after its last set: the monitor sets all of
+    them again at every sample, the prediction (set once) and the last step's loss included."""
+    mon = Monitor(role="train", rank=0, run="refresh", sampler=None, predicted_peak_bytes=GIB)
+    assert mon.gauges.enabled
+    mon.step(step=1, loss=2.0, lr=1e-4, tokens=10, seconds=1.0)
+    calls: list[tuple[str, float]] = []
+    for name, gauge in mon.gauges._gauges.items():
+        gauge.set = lambda value, tags, name=name: calls.append((name, value))  # noqa: B023
+    mon.sample_once()
+    got = dict(calls)
+    assert got["predicted_peak_memory_bytes"] == GIB and got["train_loss"] == 2.0 and got["train_step"] == 1
+    assert ("phase", 1.0) in calls and ("phase", 0.0) in calls

@@ -102,6 +102,8 @@ class ScoreActor:
             out["ranks"].append(getattr(self.scorer, "world", 1))  # processes that scored it (tensor parallel)
             if self.monitor is not None and scored:
                 self.monitor.items(len(got.results))
+        if self.monitor is not None:
+            self.monitor.notify()  # before the unit goes back: the board counts it when the driver asks
         return out
 
 
@@ -386,19 +388,26 @@ class RayDataLM(TemplateLM):
             self._telemetry_board = ray.remote(num_cpus=0)(TelemetryBoard).remote()
         return {**self.telemetry, "board": self._telemetry_board}
 
-    def telemetry_summary(self) -> dict[str, Any] | None:
-        """Every replica's telemetry summary, as of its last sample (at most `interval_s` old)."""
+    def telemetry_summary(self, wait_s: float = 10.0) -> dict[str, Any] | None:
+        """Every replica's telemetry summary. A replica hands it over after each unit, before returning the
+        unit, but over its own connection: wait (at most `wait_s`) until the board has counted every
+        request this process saw scored."""
         import ray
 
         from fjordtune.telemetry.summary import combine
 
         if self._telemetry_board is None:
             return None
-        try:
-            procs = ray.get(self._telemetry_board.summaries.remote(), timeout=30)
-        except Exception as e:  # noqa: BLE001 (a report, never a reason to fail a finished eval)
-            log.warning("%s: no telemetry summary from the replicas: %s", self.name, e)
-            return None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                procs = ray.get(self._telemetry_board.summaries.remote(), timeout=30)
+            except Exception as e:  # noqa: BLE001 (a report, never a reason to fail a finished eval)
+                log.warning("%s: no telemetry summary from the replicas: %s", self.name, e)
+                return None
+            if sum(p.get("items_done", 0) for p in procs) >= self.num_scored or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         return combine(procs, role="eval") if procs else None
 
     def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> list[float]:

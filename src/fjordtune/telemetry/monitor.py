@@ -62,23 +62,34 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 class Gauges:
-    """The Ray gauges of `METRICS`, created on first use; no-ops without a Ray worker context."""
+    """The Ray gauges of `METRICS`, created on first use; no-ops without a Ray worker context.
+
+    Ray drops a gauge's series from its Prometheus endpoint two report intervals after its last `set`
+    (its recorder's TTL, so that dead workers' series age out), so every value is set again at each
+    sample (`refresh`): a prediction set once, or a loss between two 119B steps, stays on the chart."""
 
     def __init__(self, tags: dict[str, str], *, export: bool = True) -> None:
         self.tags = tags
         self._gauges: dict[str, Any] = {}
+        self._last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.enabled = export and _ray_ready()
 
     def set(self, name: str, value: float, **extra: str) -> None:
         description, keys = METRICS[name]  # KeyError: a name that is not declared above
         if not self.enabled:
             return
+        self._last[(name, tuple(sorted(extra.items())))] = float(value)
         gauge = self._gauges.get(name)
         if gauge is None:
             from ray.util.metrics import Gauge
 
             gauge = self._gauges[name] = Gauge(f"fjordtune_{name}", description=description, tag_keys=TAGS + keys)
         gauge.set(float(value), tags={**self.tags, **extra})
+
+    def refresh(self) -> None:
+        """Set every series again to its last value."""
+        for (name, extra), value in list(self._last.items()):
+            self._gauges[name].set(value, tags={**self.tags, **dict(extra)})
 
 
 def _ray_ready() -> bool:
@@ -244,6 +255,12 @@ class Monitor:
     def set(self, name: str, value: float) -> None:
         self.gauges.set(name, value)
 
+    def notify(self) -> None:
+        """Hand the current summary to `on_sample` now, not at the next sample (an eval replica after each
+        unit, so that the driver's view is complete when the last unit comes back)."""
+        if self.on_sample is not None:
+            self.on_sample(self)
+
     # -- sampling ----------------------------------------------------------------------------------
     def sample_once(self) -> None:
         now = self.clock()
@@ -257,6 +274,7 @@ class Monitor:
             self.rss_peak = max(self.rss_peak, rss)
             (t0, n0), done = self._items_mark, self.items_done
             self._items_mark = (now, done)
+        self.gauges.refresh()  # what is set below is set anyway
         for s in samples:
             gpu = str(s.index)
             self.gauges.set("gpu_utilization_pct", s.utilization_pct, gpu=gpu)

@@ -137,7 +137,7 @@ def test_unknown_key_without_near_match_has_no_hint() -> None:
         ("train", "micro_batch_size", 1.5, "valid integer"),
         ("telemetry", "nvml", "maybe", "valid boolean"),
         ("storage", "uri", "gs://bucket/x", "use s3:// or a local path"),
-        ("data", "train_files", [], "at least 1 item"),
+        ("data", "train_files", "rows.jsonl", "valid list"),
     ],
 )
 def test_wrong_type_or_value_is_one_line(section: str, key: str, value: Any, fragment: str) -> None:
@@ -150,6 +150,23 @@ def test_wrong_type_or_value_is_one_line(section: str, key: str, value: Any, fra
     assert line.startswith(f"jobs/x.yaml: {section}.{key}: "), line
     assert fragment in line
     assert f"(got {value!r})" in line
+
+
+def test_training_data_is_train_files_or_sources_never_neither() -> None:
+    raw = minimal_raw()
+    raw["data"] = {"train_files": []}
+    (line,) = errors_of(raw, source="jobs/x.yaml")
+    assert line.startswith("jobs/x.yaml: data: give train_files (the simple form) or sources (a mixture)"), line
+    raw["data"] = {"train_files": ["a.jsonl"], "sources": [{"path": "b.jsonl"}]}
+    assert len(errors_of(raw, source="jobs/x.yaml")) == 1
+
+
+def test_a_wrong_key_in_a_source_names_its_index_and_the_nearest_key() -> None:
+    raw = minimal_raw()
+    raw["data"] = {"sources": [{"path": "a.jsonl"}, {"path": "b.jsonl", "wieght": 0.5}, {"hf": "x", "path": "y"}]}
+    lines = errors_of(raw, source="jobs/x.yaml")
+    assert "jobs/x.yaml: data.sources[1].wieght: unknown key (did you mean data.sources[1].weight?)" in lines, lines
+    assert any(line.startswith("jobs/x.yaml: data.sources[2]: give exactly one of path") for line in lines), lines
 
 
 def test_section_of_wrong_type_names_the_section() -> None:
@@ -516,6 +533,7 @@ def test_user_password_in_a_url_is_refused(key: str, value: str) -> None:
     node = raw.setdefault(section, {})
     node[field] = [value] if sub == "0" else {sub: value} if sub else value
     (line,) = errors_of(raw, source="jobs/x.yaml")
+    key = key.replace(".0", "[0]")  # list items are named as in data.sources[0].path
     assert line.startswith(f"jobs/x.yaml: {key}: {NOT_HERE} ") and "user:password@" in line, line
     assert SECRET not in line and "AKIAEXAMPLE" not in line
 

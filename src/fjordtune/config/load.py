@@ -179,7 +179,7 @@ def format_errors(err: ValidationError, *, source: str, overridden: set[str] = f
         loc = [str(x) for x in item["loc"] if not str(x).startswith("function-")]
         # pydantic puts the failing union arm or a "[key]" tag into loc for some types: keep only real keys
         loc = [x for x in loc if x not in _TYPE_TAGS]
-        key = ".".join(loc) if loc else "(top level)"
+        key = key_path(loc) if loc else "(top level)"
         if credentials is not None and any(key == k or key.startswith(k + ".") for k in credentials.problems):
             continue
         where = _where(source, key, overridden)
@@ -240,7 +240,7 @@ def find_credentials(data: Mapping[str, Any]) -> FoundCredentials:
 
 
 def _scan(node: Any, loc: tuple[str, ...], model: type[BaseModel] | None, found: FoundCredentials) -> None:
-    key = ".".join(loc)
+    key = key_path(loc)
     if isinstance(node, Mapping):
         for name, value in node.items():
             name = str(name)
@@ -285,17 +285,27 @@ def _leaves(value: Any) -> list[str]:
     return [] if value is None else [str(value)]
 
 
+def key_path(loc: Sequence[str]) -> str:
+    """`data.sources[0].weight` from pydantic's location ("data", "sources", "0", "weight")."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() and out else (f".{part}" if out else part)
+    return out
+
+
 def nearest_key(loc: Sequence[str]) -> str | None:
     """The valid key path closest to an unknown one, or None."""
     model: type[BaseModel] = JobSpec
     for part in loc[:-1]:
+        if part.isdigit():  # an item of a list of sections (data.sources[0]): `_model_of` looked inside the list
+            continue
         field = model.model_fields.get(part)
         sub = _model_of(field.annotation) if field else None
         if sub is None:
             return None
         model = sub
     names = list(model.model_fields)
-    prefix = ".".join(loc[:-1])
+    prefix = key_path(loc[:-1])
     if len(loc) <= 2:  # the exact key in another section beats a near spelling in this one
         for sec_name, field in JobSpec.model_fields.items():
             sub = _model_of(field.annotation)

@@ -63,13 +63,94 @@ class LoraSection(Section):
         return self
 
 
+class DataSource(Section):
+    """One source of a training mixture (`data.sources`)."""
+
+    path: str | None = Field(
+        default=None, description="A JSON-lines (.jsonl) or Parquet (.parquet) file of chat rows {messages: [{role, "
+        "content}, ...]}: a local path or an s3:// URI. One of path or hf.",
+    )
+    hf: str | None = Field(
+        default=None, description="A Hugging Face dataset id (or a local `datasets` folder) read through "
+        "`datasets.load_dataset`, where the hub is reachable. One of path or hf.",
+    )
+    hf_config: str | None = Field(default=None, description="The dataset's configuration (subset), for hf.")
+    split: str = Field(default="train", description="The dataset's split, for hf.")
+    name: str | None = Field(
+        default=None, description="Label in the manifest and the report; default: the file name or dataset id."
+    )
+    weight: float | None = Field(
+        default=None, gt=0, description="Rows to take as a multiple of the source's rows left after de-duplication "
+        "and filters: 0.5 samples half of them, 2 takes every row twice, 1 (the default) each once. Not with count.",
+    )
+    count: int | None = Field(
+        default=None, gt=0, description="Exactly this many rows, sampled without repeats while the source has "
+        "enough (more than it has: every row, repeated, then a sample of the rest). Not with weight.",
+    )
+
+    @model_validator(mode="after")
+    def _one_each(self) -> DataSource:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of path (a file or s3:// object) or hf (a dataset id)")
+        if self.weight is not None and self.count is not None:
+            raise ValueError("give weight or count, not both")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.hf is not None:
+            return self.hf + (f"/{self.hf_config}" if self.hf_config else "") + f":{self.split}"
+        return self.path.rstrip("/").rsplit("/", 1)[-1]  # type: ignore[union-attr]
+
+
+class ContaminationSection(Section):
+    """How training rows are matched against every NorEval item (`fjordtune contamination`)."""
+
+    ngram: int = Field(default=13, ge=3, description="Word n-gram length of the overlap match.")
+    min_words: int = Field(
+        default=8, ge=1, description="Eval texts shorter than this many words are never matched on their own (a "
+        "one-word choice would flag every row using the word); texts from min_words up to ngram words are "
+        "matched whole.",
+    )
+
+
 class DataSection(Section):
-    """Instruction-tuning data."""
+    """Instruction-tuning data: the mixture, its formatting and filters, and the contamination check."""
 
     train_files: list[str] = Field(
-        min_length=1,
-        description="JSON-lines files of chat rows {messages: [{role, content}, ...]}; local paths or s3:// URIs.",
+        default_factory=list,
+        description="The simple form: JSON-lines or Parquet files of chat rows {messages: [{role, content}, ...]}, "
+        "local paths or s3:// URIs, each taken whole (weight 1). Or give sources.",
     )
+    sources: list[DataSource] = Field(
+        default_factory=list, description="The mixture form: a list of sources, each with a weight or a count "
+        "(see data.sources[].*). Sampling is deterministic from mixture_seed; the manifest (rows per source, what "
+        "each filter removed, a content hash, the seed) is saved with the run and shown in the report.",
+    )
+    mixture_seed: int = Field(default=0, description="Seed of the mixture's sampling (weights below 1 and counts).")
+    dedup: Literal["none", "exact", "normalised"] = Field(
+        default="normalised", description="Drop repeated rows, keeping the first (in source order): `exact` "
+        "compares the messages as written; `normalised` also ignores case, whitespace, punctuation and Unicode "
+        "form. Counts per source in the manifest.",
+    )
+    min_chars: int = Field(
+        default=1, ge=0, description="Leave out rows whose assistant replies hold fewer characters (counted).",
+    )
+    max_chars: int | None = Field(
+        default=None, gt=0, description="Leave out rows whose messages hold more characters in all (counted); "
+        "token length is max_seq_len's business.",
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        default="error", description="A row that is not valid JSON or not a chat row: `error` stops with the "
+        "file, line and what is wrong; `skip` leaves it out and counts it per source (the first few are logged).",
+    )
+    allow_contamination: bool = Field(
+        default=False, description="Train even when training rows contain NorEval test items (the check still "
+        "runs, and the report says what it found). false: `train` and `run` refuse, naming the first hits.",
+    )
+    contamination: ContaminationSection = Field(default_factory=ContaminationSection)
     max_seq_len: int = Field(
         default=1024, gt=8, description="Longest training sequence in tokens; longer rows are counted and reported "
         "before training, then cut or dropped (`truncation`). With `packing`, the length of every packed sequence.",
@@ -88,11 +169,11 @@ class DataSection(Section):
     )
     shuffle_seed: int = Field(default=0, description="Seed of the per-epoch shuffle.")
     eval_files: list[str] = Field(
-        default_factory=list, description="Held-out chat rows (JSON lines, local or s3://) whose loss is measured "
+        default_factory=list, description="Held-out chat rows (JSON lines or Parquet, local or s3://) whose loss is measured "
         "before training (the base model), every train.eval_every_steps and at the end.",
     )
     eval_fraction: float = Field(
-        default=0.0, ge=0, lt=1, description="Hold out this fraction of train_files (a fixed random split) as "
+        default=0.0, ge=0, lt=1, description="Hold out this fraction of the training rows (a fixed random split of the mixture) as "
         "held-out rows instead of eval_files; 0 = none.",
     )
 
@@ -100,7 +181,14 @@ class DataSection(Section):
     def _one_eval_source(self) -> DataSection:
         if self.eval_files and self.eval_fraction:
             raise ValueError("set eval_files or eval_fraction, not both")
+        if bool(self.train_files) == bool(self.sources):
+            raise ValueError("give train_files (the simple form) or sources (a mixture), one of them")
         return self
+
+    @property
+    def source_list(self) -> list[DataSource]:
+        """The mixture's sources: `sources`, or `train_files` as sources of weight 1."""
+        return list(self.sources) or [DataSource(path=p) for p in self.train_files]
 
 
 class TrainSection(Section):

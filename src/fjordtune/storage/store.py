@@ -818,6 +818,55 @@ class Store:
             raise UserError(f"{uri}: no such file" if loc.scheme == "file" else f"{uri}: no such object")
         return data
 
+    def read_range(self, uri: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of one file or object, fewer at its end (b"" from there on): a local seek and
+        read, or one S3 GET with a Range header. botocore retries the request; a body that breaks off or
+        comes back short is read again, up to `retries` attempts in all, each retry logged: training data is
+        read a chunk at a time, and a connection lost midway should cost that chunk, not the job."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        loc = Location.parse(uri)
+        if end <= start:
+            return b""
+        if loc.scheme == "file":
+            with self.errors(uri):
+                try:
+                    with open(loc.key, "rb") as fh:
+                        fh.seek(start)
+                        return fh.read(end - start)
+                except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                    raise UserError(f"{uri}: no such file") from None
+        from urllib3.exceptions import HTTPError
+
+        for attempt in range(1, self.retries + 1):
+            with self.errors(uri):
+                try:  # botocore itself retries the request (standard mode), not the reading of its body
+                    resp = self.s3.get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes={start}-{end - 1}")
+                except ClientError as e:
+                    if _error_code(e) in NOT_FOUND:
+                        raise UserError(f"{uri}: no such object") from None
+                    if _error_code(e) == "InvalidRange":  # start at or past the end
+                        return b""
+                    raise
+                total = int(str(resp.get("ContentRange", "")).rpartition("/")[2] or end)
+                expected = min(end, total) - start
+                try:
+                    data = resp["Body"].read()
+                    why = f"got {len(data)} of {expected} bytes"
+                except (BotoCoreError, HTTPError, OSError) as e:
+                    if attempt == self.retries:
+                        raise
+                    data, why = b"", f"{type(e).__name__}: {_one_line(e)}"
+                if len(data) == expected:
+                    return data
+                if attempt == self.retries:
+                    raise InfraError(f"{uri}: bytes {start}-{end - 1}: {why} after {attempt} attempts at "
+                                     f"{self.endpoint}; check the server and the network")
+            log.warning("S3 ranged read %s bytes %d-%d: attempt %d of %d failed (%s); retrying", uri, start, end - 1,
+                        attempt, self.retries, why[:300])
+            time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
+        raise AssertionError("unreachable")
+
     def put_object(self, uri: str, data: bytes) -> None:
         """Write one small object without checking its bucket first (for many small writes into a bucket
         already checked, e.g. eval results as batches finish)."""

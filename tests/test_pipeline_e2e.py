@@ -65,6 +65,15 @@ def test_run_writes_report_results_and_png(full_run):
     md = (out / "report.md").read_text()
     assert "| NRK-Quiz-QA | nob |" in md and "| NorOpenBookQA | nno |" in md and "**average**" in md
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the training data's record: the contamination check's result and the mixture's manifest
+    assert "## Training data" in md and "**clean**: no training row contains a NorEval item" in md, md
+    record = json.loads((out / "run.json").read_text())["data"]
+    assert record["contamination"]["checked"] and record["contamination"]["hits"] == 0
+    assert record["manifest"]["rows"] == 60 and len(record["manifest"]["content_sha256"]) == 64
+    from fjordtune.storage import Store
+
+    stored = json.loads(Store().read_file(f"{job.run_uri}/data", "manifest.json"))
+    assert stored == record["manifest"]
 
 
 def test_run_summarises_telemetry_per_worker_and_replica(full_run):

@@ -119,6 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_arg(p)
 
     p = sub.add_parser(
+        "contamination", help="check every training row against every NorEval item; exit 1 when contaminated",
+        description="Check every row of the job's training sources (data.train_files or data.sources; every "
+        "message's content) against every NorEval item the job can see (eval.data_dir, else the hub): every "
+        "family, both written standards and every split, NorCommonsenseQA's scored split `train` included, on "
+        "every text field (question, choices, fact, answers). Two methods: a normalised substring match (case, "
+        "whitespace, punctuation and Unicode form ignored) and word n-gram overlap. An eval text shorter than "
+        "--min-words is never matched on its own. Exit status: 0 clean, 1 contaminated, 2 bad input. `train` and "
+        "`run` run the same check and refuse contaminated data unless data.allow_contamination is true.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  fjordtune contamination jobs/demo.yaml\n"
+        "  fjordtune contamination jobs/norskmistral-119b.yaml --json > hits.json\n"
+        "  fjordtune contamination jobs/demo.yaml --remove cleaned/   # cleaned files + cleaned/removed.jsonl",
+    )
+    _job_args(p)
+    p.add_argument("--json", action="store_true",
+                   help='print {"hits": [...], "train_rows": N, "eval_items": M, "seconds": S}; each hit has '
+                   "train_file, train_line, eval_dataset, eval_config, eval_split, eval_id, field, kind and span")
+    p.add_argument("--remove", metavar="OUT", help="write each training file without its contaminated rows to OUT, "
+                   "and the removed rows with their hits to OUT/removed.jsonl")
+    p.add_argument("--ngram", type=int, metavar="N", help="word n-gram length (default: data.contamination.ngram, 13)")
+    p.add_argument("--min-words", type=int, metavar="N",
+                   help="shortest eval text matched on its own, in words (default: data.contamination.min_words, 8)")
+
+    p = sub.add_parser(
         "checkpoints", help="list, inspect, prune or fetch a run's resumable checkpoints",
         description="Operate on the checkpoints of a run in storage. RUN is a run URI (<storage.uri>/<name>, e.g. "
         "s3://bucket/runs/demo), its checkpoints folder, or a job file (its storage.uri and name, and its storage "
@@ -254,10 +278,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     job = _load(args)
     Store.for_job(job).check_bucket(job.storage.uri)  # a storage problem shows in seconds, before the estimate
+    data = pipeline.check_data(job)  # bad rows and contamination: refused before the estimate and any worker
     predicted = None
     if not args.skip_preflight:
         predicted = pipeline.preflight(job).estimate.total_bytes
-    info = pipeline.train(job, predicted_peak_bytes=predicted)
+    info = pipeline.train(job, predicted_peak_bytes=predicted, data=data)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -308,6 +333,53 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit(args.job, overrides=args.overrides, address=args.address, wait=not args.no_wait,
                   skip_preflight=args.skip_preflight, output_dir=args.output_dir, cluster=args.cluster,
                   fetch_dir=args.fetch_dir, fetch=not args.no_fetch)
+
+
+def cmd_contamination(args: argparse.Namespace) -> int:
+    import time
+
+    from fjordtune.data.contamination import check_rows, write_removed
+    from fjordtune.data.prepare import eval_index, hit_line
+    from fjordtune.data.sources import iter_source
+    from fjordtune.storage import Store
+
+    overrides = list(args.overrides)
+    if args.ngram is not None:
+        overrides.append(f"data.contamination.ngram={args.ngram}")
+    if args.min_words is not None:
+        overrides.append(f"data.contamination.min_words={args.min_words}")
+    from fjordtune.config import load_job
+
+    job = load_job(args.job, overrides)
+    store = Store.for_job(job)
+    t0 = time.perf_counter()
+    index = eval_index(job)
+
+    def rows() -> Any:
+        for i, src in enumerate(job.data.source_list):
+            key = f"data.sources[{i}]" if job.data.sources else "data.train_files"
+            for r in iter_source(src, store=store, on_bad_row=job.data.on_bad_row, key=key):
+                yield r.file, r.line, r.row
+
+    result = check_rows(rows(), index)
+    result.seconds = time.perf_counter() - t0  # the whole check, indexing included
+    removed = write_removed(rows(), result, args.remove) if args.remove else None
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        for h in result.hits[:50]:
+            print(hit_line(h))
+        if len(result.hits) > 50:
+            print(f"... and {len(result.hits) - 50} more hits (--json lists them all)")
+        bad = len(result.contaminated_rows)
+        c = job.data.contamination
+        verdict = f"CONTAMINATED: {bad} rows, {len(result.hits)} hits" if bad else "clean"
+        print(f"{result.train_rows} training rows against {result.eval_items} NorEval items (normalised substring "
+              f"and {c.ngram}-gram, texts of {c.min_words}+ words) in {result.seconds:.1f} s: {verdict}")
+    if removed:
+        print(f"cleaned files and removed rows written to {args.remove}: "
+              + ", ".join(str(p) for p in removed.values()), file=sys.stderr if args.json else sys.stdout)
+    return 1 if result.hits else 0
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
@@ -367,4 +439,5 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 COMMANDS = {
     "validate": cmd_validate, "preflight": cmd_preflight, "train": cmd_train, "eval": cmd_eval,
     "report": cmd_report, "run": cmd_run, "submit": cmd_submit, "checkpoints": cmd_checkpoints,
+    "contamination": cmd_contamination,
 }

@@ -93,16 +93,32 @@ def preflight(job: JobSpec) -> Any:
     return report
 
 
-def train(job: JobSpec, *, predicted_peak_bytes: int | None = None) -> dict[str, Any]:
+def check_data(job: JobSpec) -> Any:
+    """Plan the training mixture and check every row against NorEval, before any worker or GPU: bad rows and
+    contaminated data stop the job here (`data.prepare.plan_job_data`). The manifest and the check's result
+    are committed to `<run>/data/`."""
+    from fjordtune.data.prepare import plan_job_data, save_data_record
+
+    store = Store.for_job(job)
+    say(f"== data: {len(job.data.source_list)} source(s), checked against NorEval")
+    data = plan_job_data(job, store=store, say=say)
+    save_data_record(job, data, store=store)
+    return data
+
+
+def train(job: JobSpec, *, predicted_peak_bytes: int | None = None, data: Any = None) -> dict[str, Any]:
     """Train on the connected Ray cluster. `predicted_peak_bytes`: preflight's per-worker estimate, logged by
-    the workers next to the peaks they measure (so that the estimate can be checked and calibrated)."""
+    the workers next to the peaks they measure (so that the estimate can be checked and calibrated). `data`:
+    what `check_data` returned (checked here when not given)."""
     from fjordtune.train.ray_driver import run_training
 
     store = Store.for_job(job)
+    if data is None:
+        data = check_data(job)
     model_uri = stage_model(job, store)
     connect_ray(job)
     say(f"== train: {job.resources.num_workers} workers, FSDP2, checkpoints in {job.run_uri}/checkpoints")
-    outcome = run_training(job, model_uri=model_uri, predicted_peak_bytes=predicted_peak_bytes)
+    outcome = run_training(job, model_uri=model_uri, predicted_peak_bytes=predicted_peak_bytes, data=data)
     meta = outcome.metrics
     held = ""
     if "eval_loss" in meta:
@@ -113,6 +129,8 @@ def train(job: JobSpec, *, predicted_peak_bytes: int | None = None) -> dict[str,
     for key in ("base_eval_loss", "eval_loss", "peak_memory_bytes", "predicted_peak_bytes"):
         if key in meta:
             info[key] = meta[key]
+    if outcome.data:
+        info["data"] = outcome.data  # the mixture's manifest and the contamination check
     if outcome.telemetry:
         info["telemetry"] = outcome.telemetry  # per GPU: utilisation, memory against the prediction, warnings
     return info
@@ -174,11 +192,12 @@ def run(job: JobSpec, *, output_dir: str | Path) -> dict[str, Any]:
         from fjordtune.eval.run import check_tasks
 
         say(f"== eval tasks: {len(check_tasks(job))} lm-eval tasks, checked")
+    data = check_data(job)  # bad rows and NorEval items in the training data: refused before any worker
     estimate = preflight(job)
     connect_ray(job)  # before the stop handler: `ray.init` installs a SIGTERM handler of its own
     with stopping.stop_on_sigterm(run_uri=job.run_uri, store=store):  # `ray job stop`: see stopping.py
         with stopping.training():
-            info = train(job, predicted_peak_bytes=estimate.estimate.total_bytes)
+            info = train(job, predicted_peak_bytes=estimate.estimate.total_bytes, data=data)
         base = tuned = None
         if "base" in job.eval.models:
             base = evaluate(job, output_dir=out / "base", label="base")

@@ -176,8 +176,10 @@ def write_report(*, output_dir: str | Path, base: dict[str, Any] | None, tuned: 
     if held:
         parts += ["## Held-out loss", "", "Loss on rows training never saw (data.eval_files / eval_fraction), "
                   "before the first step (base) and after the last (tuned); lower is better.", "", held, ""]
+    parts += data_section(train)
     if train:
-        parts += ["## Training", ""] + [f"- {k}: {v}" for k, v in train.items() if k != "telemetry"] + [""]
+        parts += ["## Training", ""] + [f"- {k}: {v}" for k, v in train.items()
+                                        if k not in ("telemetry", "data")] + [""]
     parts += telemetry_section(train, base, tuned)
     md = out / "report.md"
     md.write_text("\n".join(parts))
@@ -186,6 +188,42 @@ def write_report(*, output_dir: str | Path, base: dict[str, Any] | None, tuned: 
 
     combined.write_text(dumps_results({"base": base, "tuned": tuned, "train": train}))
     return {"markdown": md, "png": png, "summary": combined, "table": table, "words": words, "held_out": held}
+
+
+def data_section(train: dict[str, Any] | None) -> list[str]:
+    """The training mixture (rows per source and what each filter removed, the content hash and seed) and the
+    contamination check's result. Empty when the run carries no data record."""
+    record = (train or {}).get("data")
+    if not record:
+        return []
+    m, c = record.get("manifest") or {}, record.get("contamination") or {}
+    out = ["## Training data", ""]
+    if c.get("checked"):
+        verdict = ("**clean**: no training row contains a NorEval item" if not c.get("hits") else
+                   f"**{c['contaminated_rows']} rows contain NorEval items** ({c['hits']} hits); "
+                   f"{c.get('note') or 'see <run>/data/contamination.json'}")
+        out += [f"Contamination check: {c['train_rows']} source rows against {c['eval_items']} NorEval items "
+                f"(every family, written standard and split; normalised substring and word n-gram): {verdict}.", ""]
+        for h in c.get("first_hits", []):
+            out.append(f"- `{h['train_file']}:{h['train_line']}`: {h['eval_dataset']} {h['eval_config']}/"
+                       f"{h['eval_split']} item {h['eval_id']} ({h['field']}, {h['kind']})")
+        if c.get("first_hits"):
+            out.append("")
+    else:
+        out += [f"Contamination check: **not run** ({c.get('note', 'no record')}).", ""]
+    sources = m.get("sources") or []
+    if sources:
+        out += [f"Mixture: {m.get('rows')} rows (seed {m.get('seed')}, dedup {m.get('dedup')}, "
+                f"{m.get('held_out', 0)} held out), content sha256 `{str(m.get('content_sha256', ''))[:16]}`.", "",
+                "| source | asked | read | bad rows skipped | duplicates (exact / normalised) | too short / long "
+                "| available | taken |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for s in sources:
+            asked = f"count {s['count']}" if s.get("count") is not None else f"weight {s.get('weight') or 1:g}"
+            out.append(f"| {s.get('name')} | {asked} | {s.get('read')} | {s.get('bad_rows_skipped')} | "
+                       f"{s.get('duplicates_exact')} / {s.get('duplicates_normalised')} | {s.get('too_short')} / "
+                       f"{s.get('too_long')} | {s.get('available')} | {s.get('taken')} |")
+        out.append("")
+    return out
 
 
 def telemetry_section(train: dict[str, Any] | None, base: dict[str, Any] | None,

@@ -150,17 +150,15 @@ def fit_length(examples: Sequence[Example], *, max_seq_len: int,
     too_long = label_free = tokens_cut = too_long_tokens = 0
     for ex in examples:
         n = len(ex.input_ids)
+        fitted, cut = fit_one(ex, max_seq_len=max_seq_len, truncation=truncation)
         if n > max_seq_len:
             too_long += 1
             too_long_tokens += n
-            if truncation == "drop":
-                continue
-            tokens_cut += n - max_seq_len
-            ex = Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
-        if ex.num_labels == 0:
-            label_free += 1
+            tokens_cut += cut
+        if fitted is None:
+            label_free += n <= max_seq_len or truncation == "truncate"
             continue
-        kept.append(ex)
+        kept.append(fitted)
     report = LengthReport(
         rows=len(examples), too_long=too_long, longest=max((len(e.input_ids) for e in examples), default=0),
         kept=len(kept), dropped=len(examples) - len(kept), label_free=label_free, tokens_cut=tokens_cut,
@@ -175,6 +173,19 @@ def fit_length(examples: Sequence[Example], *, max_seq_len: int,
             + (" or set data.truncation=truncate" if truncation == "drop" else "")
         )
     return kept, report
+
+
+def fit_one(ex: Example, *, max_seq_len: int, truncation: str) -> tuple[Example | None, int]:
+    """One example fitted to `max_seq_len` under `truncation`: (the example, or None when it is left out,
+    and the tokens truncation cut). Left out: too long under `drop`, or no label token left either way."""
+    n = len(ex.input_ids)
+    cut = 0
+    if n > max_seq_len:
+        if truncation == "drop":
+            return None, 0
+        cut = n - max_seq_len
+        ex = Example(ex.input_ids[:max_seq_len], ex.labels[:max_seq_len])
+    return (ex if ex.num_labels else None), cut
 
 
 def _share(part: int, whole: int) -> str:

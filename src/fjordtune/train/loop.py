@@ -7,7 +7,9 @@ box): everything Ray-specific comes in through `Hooks`. Every rank runs the same
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from fjordtune.data.sft import (
     steps_per_epoch,
     token_efficiency,
 )
+from fjordtune.errors import UserError
 from fjordtune.train.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,9 @@ class Hooks:
 
 @dataclass
 class TrainData:
-    """This run's data, as every rank lays it out: the same on each (built from the same rows)."""
+    """This run's data as one rank lays it out. Global (`local=False`, from `prepare_data`): every rank holds
+    every example and takes its slice of each step. Local (from `prepare_shard`): each rank holds only its
+    own shard (Ray Data's, under Ray Train) and shuffles it by itself; `per_epoch` is the same on every rank."""
 
     items: list[Example]  # examples or packs
     eval: list[Example]
@@ -64,6 +69,8 @@ class TrainData:
     total_steps: int
     efficiency: tuple[float, float] | None = None  # (packed, padded) real/total tokens, packing only
     notes: list[str] = field(default_factory=list)
+    local: bool = False
+    eval_batches: int = 0  # local: held-out batches per rank (the same on every rank)
 
 
 def prepare_data(core: Any, rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]], *, world: int) -> TrainData:
@@ -102,6 +109,79 @@ def prepare_data(core: Any, rows: list[dict[str, Any]], eval_rows: list[dict[str
     return TrainData(items, held_out, lengths, per_epoch, total, efficiency, notes)
 
 
+def prepare_shard(core: Any, items: list[Example], held_out: list[Example], *, lengths: LengthReport, world: int,
+                  gather: Callable[[Any], list[Any]] | None = None) -> TrainData:
+    """This rank's layout from its own shard of fitted examples (`items`, `held_out`: already tokenized and cut
+    by the Ray Data preprocessing, whose `lengths` report covers every rank). Packs locally (if asked); the
+    step count is the smallest any rank can fill, so every rank takes the same number of steps. `gather`: the
+    all-gather of small objects across ranks (default `checkpointing.gather_objects`), run twice here."""
+    from fjordtune.train.checkpointing import gather_objects
+
+    gather = gather or gather_objects
+    job = core.job
+    d, t = job.data, job.train
+    notes = list(lengths.lines())
+    packed_items, efficiency = items, None
+    kw = dict(batch_size=t.micro_batch_size, world_size=1, seed=d.shuffle_seed, accum=t.grad_accum_steps)
+    if d.packing:
+        packed_items = pack(items, max_seq_len=d.max_seq_len)
+    # what every rank holds: step counts must agree, and the notes speak for the whole run
+    local = (len(items), len(packed_items), len(held_out),
+             token_efficiency(packed_items, **kw) if len(packed_items) >= t.micro_batch_size * t.grad_accum_steps
+             else (0, 0),
+             token_efficiency(items, **kw) if d.packing and len(items) >= t.micro_batch_size * t.grad_accum_steps
+             else (0, 0),
+             sum(len(p.input_ids) for p in packed_items))
+    every = gather(local)
+    per_epoch = min(n for _, n, *_ in every) // (t.micro_batch_size * t.grad_accum_steps)
+    if per_epoch == 0:
+        raise UserError(
+            f"{min(n for _, n, *_ in every)} training {'sequences' if d.packing else 'rows'} on the smallest "
+            f"shard are fewer than one step needs (micro_batch_size {t.micro_batch_size} x train.grad_accum_steps "
+            f"{t.grad_accum_steps}); {sum(n for n, *_ in every)} rows in all over {world} workers")
+    if d.packing:
+        rows, seqs = sum(e[0] for e in every), sum(e[1] for e in every)
+        packed = tuple(map(sum, zip(*(e[3] for e in every), strict=True)))
+        padded = tuple(map(sum, zip(*(e[4] for e in every), strict=True)))
+        efficiency = (_ratio(packed), _ratio(padded))
+        fill = sum(e[5] for e in every) / (seqs * d.max_seq_len)
+        notes.append(f"packing: {rows} rows -> {seqs} sequences of up to {d.max_seq_len} tokens (packed on each "
+                     f"worker's shard), {fill:.0%} full; real tokens {efficiency[0]:.0%} of those computed "
+                     f"(unpacked: {efficiency[1]:.0%})")
+    total = t.max_steps or per_epoch * t.epochs
+    effective = world * t.micro_batch_size * t.grad_accum_steps
+    shards = sorted(e[1] for e in every)
+    notes.append(f"batch: {world} workers x micro_batch_size {t.micro_batch_size} x grad_accum_steps "
+                 f"{t.grad_accum_steps} = {effective} {'packed ' if d.packing else ''}sequences per step; "
+                 f"{per_epoch} steps per epoch, {total} steps"
+                 + (f" (train.max_steps; {total / per_epoch:.2f} epochs)" if t.max_steps else "")
+                 + f"; shards of {shards[0]}-{shards[-1]} per worker")
+    most_held = max(e[2] for e in every)
+    eval_n = math.ceil(most_held / t.micro_batch_size) if most_held else 0
+    if most_held:
+        notes.append(f"held-out: {sum(e[2] for e in every)} rows, loss before the first step (base model), "
+                     f"every {t.eval_every_steps or per_epoch} steps and after the last")
+    return TrainData(packed_items, list(held_out), lengths, per_epoch, total, efficiency, notes, local=True,
+                     eval_batches=eval_n)
+
+
+def shard_seed(seed: int, rank: int) -> int:
+    """The shuffle seed of one rank's own shard: a different order on each rank, the same on every run."""
+    return seed * 1_000_003 + rank
+
+
+def local_eval_batches(examples: list[Example], *, batch_size: int, num_batches: int,
+                       pad_id: int) -> list[dict[str, Any]]:
+    """This rank's held-out batches from its own shard, padded to `num_batches` (every rank the same count:
+    FSDP forwards are collectives) with one-token filler rows that carry no label."""
+    from fjordtune.data.sft import IGNORE_INDEX, collate
+
+    packed = any(e.position_ids is not None for e in examples)
+    filler = Example([pad_id], [IGNORE_INDEX], [0] if packed else None)
+    return [collate(examples[b * batch_size:(b + 1) * batch_size] or [filler], pad_id=pad_id)
+            for b in range(num_batches)]
+
+
 def _ratio(pair: tuple[int, int]) -> float:
     real, slots = pair
     return real / slots if slots else 0.0
@@ -134,8 +214,12 @@ def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: in
     if rank == 0:
         log.info("schedule: %s", schedule.describe())
 
-    held = eval_batches(data.eval, batch_size=t.micro_batch_size, rank=rank, world_size=world,
-                        pad_id=pad) if data.eval else []
+    if data.local:
+        held = local_eval_batches(data.eval, batch_size=t.micro_batch_size, num_batches=data.eval_batches,
+                                  pad_id=pad) if data.eval_batches else []
+    else:
+        held = eval_batches(data.eval, batch_size=t.micro_batch_size, rank=rank, world_size=world,
+                            pad_id=pad) if data.eval else []
 
     tel = hooks.telemetry
 
@@ -168,9 +252,14 @@ def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: in
     last_eval: dict[str, Any] = {}
     epoch = start // data.per_epoch
     while step < data.total_steps:
-        batches = step_batches(data.items, batch_size=t.micro_batch_size, rank=rank, world_size=world, epoch=epoch,
-                               seed=job.data.shuffle_seed, pad_id=pad, accum=t.grad_accum_steps)
-        for i, micro in enumerate(batches):
+        if data.local:  # this rank's own shard, in an order of its own
+            batches = step_batches(data.items, batch_size=t.micro_batch_size, rank=0, world_size=1, epoch=epoch,
+                                   seed=shard_seed(job.data.shuffle_seed, rank), pad_id=pad, accum=t.grad_accum_steps)
+        else:
+            batches = step_batches(data.items, batch_size=t.micro_batch_size, rank=rank, world_size=world,
+                                   epoch=epoch, seed=job.data.shuffle_seed, pad_id=pad, accum=t.grad_accum_steps)
+        # a bigger shard than the smallest must not take more steps: every rank runs per_epoch of them
+        for i, micro in enumerate(itertools.islice(batches, data.per_epoch)):
             if epoch * data.per_epoch + i < start:
                 continue  # done before the resume: same data order, same position
             if step >= data.total_steps:

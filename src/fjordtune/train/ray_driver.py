@@ -32,6 +32,7 @@ class TrainOutcome:
     num_steps: int
     metrics: dict[str, Any]
     telemetry: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None  # the mixture's manifest and the contamination check's result
 
 
 class LastCommitted:
@@ -63,6 +64,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from fjordtune.data.prepare import read_shard
+    from fjordtune.data.sft import LengthReport
     from fjordtune.model.load import local_model_dir, local_tokenizer_dir
     from fjordtune.storage import Store, cache_root
     from fjordtune.telemetry.flops import model_flops_per_token, peak_flops
@@ -71,7 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from fjordtune.telemetry.summary import combine, log_lines
     from fjordtune.train.checkpointing import find_resume_point, gather_objects, load_checkpoint, retrying
     from fjordtune.train.core import TrainerCore, peak_memory_bytes
-    from fjordtune.train.loop import Hooks, prepare_data, train_loop
+    from fjordtune.train.loop import Hooks, prepare_shard, train_loop
 
     # Ray Train routes a worker's print through the root logger *and* the wrapped stdout (every line
     # twice): workers log instead
@@ -103,7 +106,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         monitor.process_peak = lambda: peak_memory_bytes(device)
     monitor.flops_per_token = model_flops_per_token(core.model)
     monitor.peak_flops = peak_flops(monitor.device_name, tel.peak_tflops)
-    data = prepare_data(core, config["rows"], config["eval_rows"], world=world)
+    # this rank's own shard of the rows Ray Data tokenized and fitted (no row travels in the config)
+    items = read_shard("train")
+    held = read_shard("eval") if config["has_eval"] else []
+    data = prepare_shard(core, items, held, lengths=LengthReport(**config["lengths"]), world=world)
     if rank == 0:
         for note in data.notes:
             log.info("%s", note)
@@ -141,35 +147,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.info("adapter written to %s", config["adapter_uri"])
 
 
-def run_training(job: JobSpec, *, model_uri: str, predicted_peak_bytes: int | None = None) -> TrainOutcome:
+def run_training(job: JobSpec, *, model_uri: str, predicted_peak_bytes: int | None = None,
+                 data: Any = None) -> TrainOutcome:
     """Train `job` on the connected Ray cluster; resumes from the latest checkpoint of a previous run.
-    `predicted_peak_bytes`: preflight's per-worker estimate, logged next to the measured peaks."""
+    `predicted_peak_bytes`: preflight's per-worker estimate, logged next to the measured peaks. `data`: the
+    job's planned and checked data (`data.prepare.plan_job_data`), planned here when not given."""
+    import dataclasses
+
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from fjordtune.data.sft import read_rows, split_eval
+    from fjordtune.data.prepare import plan_job_data, prepare_datasets, shard_config
     from fjordtune.storage import Store, cache_root
     from fjordtune.storage import checkpoints as ckpts
     from fjordtune.telemetry.monitor import job_id
 
     store = Store.for_job(job)
-    # Read (and check) the data here, before any worker starts: bad rows fail fast and cost no GPU,
-    # and workers need no access to the submitter's files.
-    rows = read_rows(job.data.train_files, store=store)
-    eval_rows: list[dict[str, Any]] = []
-    if job.data.eval_files:
-        eval_rows = read_rows(job.data.eval_files, store=store, key="data.eval_files")
-    elif job.data.eval_fraction:
-        rows, eval_rows = split_eval(rows, fraction=job.data.eval_fraction, seed=job.data.shuffle_seed)
+    # Planned and checked here, before any worker starts: bad rows and contamination fail fast and cost no
+    # GPU. The driver holds a few bytes per row; Ray Data reads, tokenizes and fits the rows on the cluster.
+    if data is None:
+        data = plan_job_data(job, store=store, say=lambda line: log.info("%s", line))
+    prepared = prepare_datasets(job, data, model_uri=model_uri, say=lambda line: log.info("%s", line))
     adapter_uri = f"{job.run_uri}/adapter"
     res = job.resources
     progress = ray.remote(num_cpus=0)(LastCommitted).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": dump_job(job), "model_uri": model_uri, "adapter_uri": adapter_uri, "rows": rows,
-                           "eval_rows": eval_rows, "progress": progress, "predicted_peak_bytes": predicted_peak_bytes,
-                           "ray_job": job_id()},
+        train_loop_config={"job": dump_job(job), "model_uri": model_uri, "adapter_uri": adapter_uri,
+                           "lengths": dataclasses.asdict(prepared.lengths), "has_eval": prepared.num_eval > 0,
+                           "progress": progress, "predicted_peak_bytes": predicted_peak_bytes, "ray_job": job_id()},
+        # each worker reads its own contiguous range of the sorted rows: the same on every run (resume)
+        datasets=prepared.datasets,
+        dataset_config=shard_config(prepared.datasets, res.num_workers),
         # ranks that wait for their node's one model download (238 GB) meet the others at the first
         # collective only after it: a longer timeout than the 30-minute default
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo", timeout_s=PROCESS_GROUP_TIMEOUT_S),
@@ -204,7 +214,8 @@ def run_training(job: JobSpec, *, model_uri: str, predicted_peak_bytes: int | No
         telemetry = ray.get(progress.get_telemetry.remote(), timeout=30)
     except Exception:  # noqa: BLE001 (the summary is a report, never a reason to fail a finished run)
         telemetry = None
-    return TrainOutcome(adapter_uri, meta.get("loss"), int(meta.get("step", last.step)), meta, telemetry)
+    return TrainOutcome(adapter_uri, meta.get("loss"), int(meta.get("step", last.step)), meta, telemetry,
+                        data.summary())
 
 
 def _failure_line(e: Any, max_failures: int) -> str:

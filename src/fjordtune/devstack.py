@@ -268,13 +268,13 @@ def start_ray_head(*, num_cpus: int, env: dict[str, str], auth_token_path: Path,
                    temp_dir: str | None = None) -> RayHead:
     """`ray start --head` with dashboard and metrics on loopback and token authentication on (the token in
     `auth_token_path`); workers inherit `env` (S3 keys)."""
-    port, dash, metrics = free_port(), free_port(), free_port()
+    port, dash, metrics, agent = free_port(), free_port(), free_port(), free_port()
     cmd = [
         _ray_cli(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
         f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
         # fixed by default (52365, 10001): a second head on the machine would fail to submit jobs
-        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={free_port()}",
     ]
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
@@ -288,8 +288,29 @@ def start_ray_head(*, num_cpus: int, env: dict[str, str], auth_token_path: Path,
     out, err = proc.communicate(timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{out}\n{err}")
+    _wait_job_agent(f"http://127.0.0.1:{agent}/api/healthz")
     return RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics",
                    pgid=proc.pid, temp_dir=temp_dir)
+
+
+def _wait_job_agent(url: str, timeout: float = 60) -> None:
+    """`ray start` returns before the head's dashboard agent answers, and a job submitted then is refused
+    ("No available agent to submit job": the job server waits only 10 s for it). Wait for the agent."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (an error status still means it is up)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head's dashboard agent did not answer at {url} within {timeout:g} s") \
+                    from None
+            time.sleep(0.5)
 
 
 def _terminate(pid: int, timeout: float) -> None:

@@ -119,7 +119,7 @@ def plan_job_data(job: JobSpec, *, store: Any, say: Callable[[str], None] = prin
     eval_plan = plan_files(d.eval_files, key="data.eval_files", store=store, on_bad_row=d.on_bad_row) \
         if d.eval_files else None
     check = CheckResult(hits, rows, index.num_items, time.perf_counter() - c0) if index is not None else None
-    lines = manifest_lines(plan.manifest)
+    lines = [f"data: {line}" for line in manifest_lines(plan.manifest)]
     for line in lines:
         say(line)
     if check is not None:

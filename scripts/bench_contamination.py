@@ -46,6 +46,7 @@ from fjordtune.data.contamination import EvalIndex, check_rows, eval_texts_from_
 from fjordtune.eval import _synthetic_vocab as V
 from fjordtune.eval.noreval import FAMILIES
 from fjordtune.eval.synthetic import write_synthetic_noreval
+from fjordtune.telemetry.rss import reset_peak_rss, status_bytes
 
 MiB = 1 << 20
 TRAIN_FILE = "synthetic-train.jsonl"
@@ -307,21 +308,12 @@ def training_rows(num_rows: int, num_planted: int, sources: dict[str, list[tuple
 # ------------------------------------------------------------------ the benchmark
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
-        f.write("5")
 
 
 def run_scale(data_dir: Path, scale: int, args: argparse.Namespace) -> dict[str, Any]:
-    _reset_peak()
+    reset_peak_rss()
     t0 = time.perf_counter()
     index = EvalIndex(eval_texts_from_dir(data_dir), ngram=args.ngram, min_words=args.min_words)
     index_s = time.perf_counter() - t0
@@ -337,7 +329,7 @@ def run_scale(data_dir: Path, scale: int, args: argparse.Namespace) -> dict[str,
     false_hits = [h.to_dict() for h in result.hits if h.train_line not in expected]
     return {
         "scale": scale, "rows": num_rows, "eval_items": index.num_items, "index_s": index_s, "check_s": check_s,
-        "generate_s": timer[0], "rows_per_s": num_rows / check_s, "peak_rss_mib": _status("VmHWM") / MiB,
+        "generate_s": timer[0], "rows_per_s": num_rows / check_s, "peak_rss_mib": status_bytes("VmHWM") / MiB,
         "planted": len(expected), "flagged": len(flagged), "hits": len(result.hits),
         "false_positive_rows": len(flagged - set(expected)), "missed": len(want - got),
         # every planted row gives exactly its one expected record

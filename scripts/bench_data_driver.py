@@ -29,20 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from fjordtune.telemetry.rss import reset_peak_rss, status_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "src" / "fjordtune" / "samples" / "sft" / "demo.jsonl"
 MiB = 2**20
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 
 
 def write_rows(path: Path, n: int) -> None:
@@ -59,12 +54,12 @@ def side(kind: str, path: str) -> dict:
     if kind == "baseline":
         from fjordtune.data.sft import read_rows
 
-        _reset_peak()
-        before = _status("VmRSS")
+        reset_peak_rss()
+        before = status_bytes("VmRSS")
         t0 = time.perf_counter()
         rows = read_rows([path])
         config = pickle.dumps({"rows": rows, "eval_rows": []})
-        return {"peak_growth": _status("VmHWM") - before, "config_bytes": len(config), "rows": len(rows),
+        return {"peak_growth": status_bytes("VmHWM") - before, "config_bytes": len(config), "rows": len(rows),
                 "seconds": time.perf_counter() - t0}
     import ray
 
@@ -80,15 +75,15 @@ def side(kind: str, path: str) -> dict:
     import fjordtune.data.contamination  # noqa: F401  (imports are not what is measured)
     import fjordtune.data.mixture  # noqa: F401
 
-    _reset_peak()
-    before = _status("VmRSS")
+    reset_peak_rss()
+    before = status_bytes("VmRSS")
     t0 = time.perf_counter()
     data = plan_job_data(job, store=Store.for_job(job), say=lambda line: None)
     prepared = prepare_datasets(job, data, model_uri="", say=lambda line: None)
     shards = shard_config(prepared.datasets, job.resources.num_workers)
     config = pickle.dumps({"model_uri": "", "adapter_uri": "", "lengths": prepared.lengths.__dict__,
                            "has_eval": False, "predicted_peak_bytes": None, "ray_job": ""})
-    out = {"peak_growth": _status("VmHWM") - before, "config_bytes": len(config), "rows": prepared.num_train,
+    out = {"peak_growth": status_bytes("VmHWM") - before, "config_bytes": len(config), "rows": prepared.num_train,
            "seconds": time.perf_counter() - t0, "data_config_bytes": len(ray.cloudpickle.dumps(shards))}
     ray.shutdown()
     return out

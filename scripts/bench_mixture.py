@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fjordtune.telemetry.rss import reset_peak_rss, status_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 WORDS = ["fjord", "fjell", "bre", "elv", "skog", "øy", "vidde", "dal", "bekk", "myr"]
@@ -50,21 +52,8 @@ def write_rows(path: Path, num_rows: int) -> int:
     return path.stat().st_size
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(mode: str, big: str, tiny: str) -> dict[str, Any]:
@@ -86,12 +75,12 @@ def child(mode: str, big: str, tiny: str) -> dict[str, Any]:
                 "manifest": plan.manifest, "progress": lines, "plan": plan}
 
     run(tiny).pop("plan", None)
-    reset = _reset_peak()
-    before = _status("VmRSS")
+    reset = reset_peak_rss()
+    before = status_bytes("VmRSS")
     start = time.perf_counter()
     out = run(big)
     seconds = time.perf_counter() - start
-    peak = _status("VmHWM")
+    peak = status_bytes("VmHWM")
     if mode == "plan":  # after the peak is taken: what the Ray tasks will do, here in one process
         start_read = time.perf_counter()
         out["read_back"] = sum(1 for _ in out.pop("plan").rows(store=store))

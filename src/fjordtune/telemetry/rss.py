@@ -13,16 +13,33 @@ import time
 from dataclasses import dataclass, field
 
 
-def rss_anon_bytes(pid: int | str = "self") -> int | None:
-    """`RssAnon` of a process in bytes, or None once it has exited (or off Linux)."""
+def status_bytes(field: str, pid: int | str = "self") -> int | None:
+    """A memory field of `/proc/<pid>/status` in bytes (`RssAnon`, `VmRSS`, `VmHWM`: the peak RSS), or None
+    once the process has exited (or off Linux)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     return None
+
+
+def rss_anon_bytes(pid: int | str = "self") -> int | None:
+    """`RssAnon` of a process in bytes, or None once it has exited (or off Linux)."""
+    return status_bytes("RssAnon", pid)
+
+
+def reset_peak_rss() -> bool:
+    """Set this process's peak RSS (`VmHWM`) back to its current RSS, so that a benchmark measures the peak of
+    one phase only; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 @dataclass

@@ -107,6 +107,11 @@ def test_adapter_in_bucket_is_peft_format_and_loads(full_run, tmp_path):
     adapter = store.download_dir(f"{job.run_uri}/adapter", tmp_path / "adapter")
     base = store.download_dir(f"{job.run_uri}/base-model", tmp_path / "base")
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # the data it learnt from travels with it: the manifest (content hash) and the contamination check
+    record = json.loads((adapter / "training_data.json").read_text())
+    assert record["manifest"]["content_sha256"] == json.loads(store.read_file(f"{job.run_uri}/data",
+                                                                              "manifest.json"))["content_sha256"]
+    assert record["contamination"]["checked"] and record["contamination"]["hits"] == 0
     model = PeftModel.from_pretrained(load_causal_lm(str(base), dtype="float32"), str(adapter))
     names = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert any(".mlp.experts." in n for n in names) and any("kv_a_proj_with_mqa" in n for n in names)

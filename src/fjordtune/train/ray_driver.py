@@ -9,6 +9,7 @@ gathered and committed in peft format to `<storage.uri>/<name>/adapter/`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -142,6 +143,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     with tempfile.TemporaryDirectory(prefix="fjordtune-adapter-") as tmp:
         if core.save_adapter(tmp):
+            if config.get("data_record"):  # what the adapter learnt from travels with it (peft ignores the file)
+                Path(tmp, "training_data.json").write_text(json.dumps(config["data_record"], indent=2) + "\n")
             retrying(lambda: store.upload_dir(tmp, config["adapter_uri"]), what=f"adapter upload to {config['adapter_uri']}",
                      attempts=store.retries)
             log.info("adapter written to %s", config["adapter_uri"])
@@ -176,7 +179,8 @@ def run_training(job: JobSpec, *, model_uri: str, predicted_peak_bytes: int | No
         train_loop_per_worker,
         train_loop_config={"job": dump_job(job), "model_uri": model_uri, "adapter_uri": adapter_uri,
                            "lengths": dataclasses.asdict(prepared.lengths), "has_eval": prepared.num_eval > 0,
-                           "progress": progress, "predicted_peak_bytes": predicted_peak_bytes, "ray_job": job_id()},
+                           "progress": progress, "predicted_peak_bytes": predicted_peak_bytes, "ray_job": job_id(),
+                           "data_record": data.summary()},
         # each worker reads its own contiguous range of the sorted rows: the same on every run (resume)
         datasets=prepared.datasets,
         dataset_config=shard_config(prepared.datasets, res.num_workers),

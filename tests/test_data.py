@@ -73,7 +73,7 @@ def test_read_rows_several_files_and_blank_lines(tmp_path: Path) -> None:
         ('{"text": "no messages here"}', "expected"),
         ('{"messages": []}', "expected"),
         ('{"messages": [{"role": "user"}]}', "expected"),  # no content
-        ('{"messages": [{"role": "narrator", "content": "x"}]}', "expected"),
+        ('{"messages": [{"role": "narrator", "content": "x"}]}', "role 'narrator' is not system, user or assistant"),
         ('["a", "list"]', "expected"),
         (json.dumps(chat(("system", "Vær kort."), ("user", "Hei!"))), "no assistant turn"),
     ],

@@ -171,3 +171,60 @@ def test_each_worker_reads_its_own_shard_the_same_on_every_run(local_ray, tmp_pa
             ex, _ = fit_one(tokenize_row(rows[r["row_id"]], tok, max_seq_len=None), max_seq_len=64,
                             truncation="truncate")
             assert (r["ids"], r["labels"]) == (ex.input_ids, ex.labels)
+
+
+def test_shards_of_different_sizes_take_the_same_steps_and_held_out_batches() -> None:
+    """Workers with shards of their own: every rank takes as many steps per epoch as the smallest shard fills
+    and as many held-out batches as the largest held-out shard needs (collectives stay in step)."""
+    from types import SimpleNamespace
+
+    from fjordtune.config import load_job
+    from fjordtune.data.sft import Example, LengthReport
+    from fjordtune.train.loop import prepare_shard
+
+    job = load_job(DEMO, ["storage.uri=/tmp/unused", "train.micro_batch_size=2", "train.grad_accum_steps=2",
+                          "data.packing=false", "train.epochs=3"])
+    core = SimpleNamespace(job=job)
+    lengths = LengthReport(rows=0, too_long=0, longest=0, kept=0, dropped=0, label_free=0, tokens_cut=0,
+                           max_seq_len=256, policy="truncate")
+
+    def examples(n: int) -> list[Example]:
+        return [Example([1, 2, 3 + i], [-100, 2, 3 + i]) for i in range(n)]
+
+    shards = [(examples(13), examples(3)), (examples(9), examples(5))]
+    alone = [prepare_shard(core, t, h, lengths=lengths, world=2, gather=lambda x: [x]) for t, h in shards]
+    assert [d.per_epoch for d in alone] == [13 // 4, 9 // 4]  # what each would take by itself
+    everyone = _as_two_ranks(lambda rank, gather: prepare_shard(core, *shards[rank], lengths=lengths, world=2,
+                                                                 gather=gather))
+    assert [d.per_epoch for d in everyone] == [2, 2] and [d.total_steps for d in everyone] == [6, 6]
+    assert [d.eval_batches for d in everyone] == [3, 3]  # ceil(5 / 2) for both
+    assert all(d.local for d in everyone)
+
+
+def _as_two_ranks(fn) -> list:
+    """`fn(rank, gather)` on two threads, `gather` an all-gather between them (each call returns both
+    values in rank order), like `checkpointing.gather_objects` across two processes."""
+    import threading
+
+    slots: list = [None, None]
+    barrier = threading.Barrier(2)
+    results: list = [None, None]
+
+    def gather_for(rank: int):
+        def gather(value):
+            slots[rank] = value
+            barrier.wait()
+            both = list(slots)
+            barrier.wait()  # nobody overwrites a slot before both have read them
+            return both
+        return gather
+
+    def run(rank: int) -> None:
+        results[rank] = fn(rank, gather_for(rank))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results

@@ -92,7 +92,7 @@ def hit_line(h: Any) -> str:
 def plan_job_data(job: JobSpec, *, store: Any, say: Callable[[str], None] = print) -> JobData:
     """Plan the job's mixture and check every source row for NorEval items, in one pass over the sources.
     Raises `ContaminatedData` (naming the first hits) unless `data.allow_contamination`."""
-    from fjordtune.data.contamination import CheckResult
+    from fjordtune.data.contamination import CheckResult, row_texts
     from fjordtune.data.mixture import manifest_lines, plan_files, plan_mixture
 
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def plan_job_data(job: JobSpec, *, store: Any, say: Callable[[str], None] = prin
     def on_row(row: Any) -> None:
         nonlocal rows
         rows += 1
-        hits.extend(index.check(row.file, row.line, [m["content"] for m in row.row["messages"]]))
+        hits.extend(index.check(row.file, row.line, row_texts(row.row)))
 
     c0 = time.perf_counter()
     plan = plan_mixture(d, store=store, on_row=on_row if index is not None else None, progress=say)
@@ -273,14 +273,14 @@ def prepare_datasets(job: JobSpec, data: JobData, *, model_uri: str,
                      say: Callable[[str], None] = print) -> PreparedData:
     """Tokenize and fit the planned rows on Ray Data (the driver only lists chunks); materialize the training
     and held-out rows, sorted by their shuffle key, in the object store."""
+    import os
+
     import ray.data
 
     from fjordtune.config.load import dump_job
     from fjordtune.data.sft import LengthReport
 
     t0 = time.perf_counter()
-    import os
-
     chunks = [{"chunk": json.dumps(c), "offset": 0, "all_held": False} for c in data.plan.chunks(CHUNK_ROWS)]
     if data.eval_plan is not None:  # data.eval_files: held out whole, row ids after the training rows'
         chunks += [{"chunk": json.dumps(c), "offset": data.plan.num_rows, "all_held": True}
@@ -289,14 +289,16 @@ def prepare_datasets(job: JobSpec, data: JobData, *, model_uri: str,
     ctx.enable_progress_bars = False
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     tokens = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
-        Tokenize, fn_constructor_kwargs={"job": dump_job(job), "model_uri": model_uri, "driver_cwd": os.getcwd()}, batch_size=1,
-        concurrency=(1, max(1, min(len(chunks), cpus, 16))), num_cpus=1,
+        Tokenize, fn_constructor_kwargs={"job": dump_job(job), "model_uri": model_uri, "driver_cwd": os.getcwd()},
+        batch_size=1, concurrency=(1, max(1, min(len(chunks), cpus, 16))), num_cpus=1,
     ).materialize()
     d = job.data
     agg = _length_sums(tokens)
     train = tokens.filter(lambda r: r["kept"] and not r["held_out"]).sort("order").materialize()
-    held = tokens.filter(lambda r: r["kept"] and r["held_out"]).sort("order").materialize()
-    num_train, num_eval = train.count(), held.count()
+    held = None
+    if len(data.plan.held_out) or data.eval_plan is not None:  # no sort (seconds of tasks) for nothing
+        held = tokens.filter(lambda r: r["kept"] and r["held_out"]).sort("order").materialize()
+    num_train, num_eval = train.count(), held.count() if held is not None else 0
     rows = agg["rows"]
     lengths = LengthReport(
         rows=rows, too_long=agg["too_long"], longest=agg["longest"], kept=num_train, dropped=rows - num_train,

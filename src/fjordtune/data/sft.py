@@ -4,7 +4,6 @@ packing, per-rank step batches and held-out batches."""
 from __future__ import annotations
 
 import gc
-import json
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -30,35 +29,17 @@ class Example:
 
 
 def read_rows(paths: Sequence[str], *, store: Any = None, key: str = "data.train_files") -> list[dict[str, Any]]:
-    """Read JSON-lines chat rows from local paths or s3:// URIs, checking each row's shape; errors name
-    the job key `key` the paths came from."""
-    rows = []
-    for path in paths:
-        if path.startswith("s3://"):
-            if store is None:
-                from fjordtune.storage import Store
+    """Every chat row of JSON-lines or Parquet files (local or s3://) in memory, each checked: for tests and
+    Ray-free tools (a GPU check) at small size. Jobs plan their data with `data.mixture` instead, which never
+    holds the rows. Errors name the job key `key` the paths came from, or the file and line."""
+    from fjordtune.config.schema import DataSource
+    from fjordtune.data.sources import iter_source
 
-                store = Store()
-            text = store.read_bytes(path).decode("utf-8")
-        else:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except FileNotFoundError:
-                raise UserError(f"{key}: {path}: no such file") from None
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            msgs = row.get("messages") if isinstance(row, dict) else None
-            if not (isinstance(msgs, list) and msgs and all(_is_msg(m) for m in msgs)):
-                raise UserError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise UserError(f"{path}:{lineno}: no assistant turn, so nothing to learn from")
-            rows.append(row)
+    if store is None:
+        from fjordtune.storage import Store
+
+        store = Store()
+    rows = [r.row for path in paths for r in iter_source(DataSource(path=path), store=store, key=key)]
     if not rows:
         raise UserError(f"{key}: {', '.join(paths)}: no rows")
     return rows
@@ -346,12 +327,13 @@ def split_eval(rows: Sequence[Any], *, fraction: float, seed: int) -> tuple[list
 
 
 def eval_batches(examples: Sequence[Example], *, batch_size: int, rank: int, world_size: int,
-                 pad_id: int) -> list[dict[str, list[Any]]]:
+                 pad_id: int, num_batches: int | None = None) -> list[dict[str, list[Any]]]:
     """This rank's batches of all held-out examples (rank r takes examples r, r + world_size, ...), so
     each is scored exactly once over all ranks. Every rank gets the same number of batches (FSDP forwards
     are collectives); a rank that runs short gets one-token filler rows with no label."""
     mine = list(examples[rank::world_size])
-    num_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
+    if num_batches is None:  # else given: ranks holding shards of their own agree on the most any of them needs
+        num_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
     packed = any(e.position_ids is not None for e in examples)
     filler = Example([pad_id], [IGNORE_INDEX], [0] if packed else None)
     out = []
@@ -359,7 +341,3 @@ def eval_batches(examples: Sequence[Example], *, batch_size: int, rank: int, wor
         chunk = mine[b * batch_size : (b + 1) * batch_size] or [filler]
         out.append(collate(chunk, pad_id=pad_id))
     return out
-
-
-def _is_msg(m: Any) -> bool:
-    return isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)

@@ -170,18 +170,6 @@ def shard_seed(seed: int, rank: int) -> int:
     return seed * 1_000_003 + rank
 
 
-def local_eval_batches(examples: list[Example], *, batch_size: int, num_batches: int,
-                       pad_id: int) -> list[dict[str, Any]]:
-    """This rank's held-out batches from its own shard, padded to `num_batches` (every rank the same count:
-    FSDP forwards are collectives) with one-token filler rows that carry no label."""
-    from fjordtune.data.sft import IGNORE_INDEX, collate
-
-    packed = any(e.position_ids is not None for e in examples)
-    filler = Example([pad_id], [IGNORE_INDEX], [0] if packed else None)
-    return [collate(examples[b * batch_size:(b + 1) * batch_size] or [filler], pad_id=pad_id)
-            for b in range(num_batches)]
-
-
 def _ratio(pair: tuple[int, int]) -> float:
     real, slots = pair
     return real / slots if slots else 0.0
@@ -215,8 +203,8 @@ def train_loop(core: Any, data: TrainData, *, store: Any, run_uri: str, rank: in
         log.info("schedule: %s", schedule.describe())
 
     if data.local:
-        held = local_eval_batches(data.eval, batch_size=t.micro_batch_size, num_batches=data.eval_batches,
-                                  pad_id=pad) if data.eval_batches else []
+        held = eval_batches(data.eval, batch_size=t.micro_batch_size, rank=0, world_size=1, pad_id=pad,
+                            num_batches=data.eval_batches) if data.eval_batches else []
     else:
         held = eval_batches(data.eval, batch_size=t.micro_batch_size, rank=rank, world_size=world,
                             pad_id=pad) if data.eval else []

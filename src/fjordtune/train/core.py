@@ -82,6 +82,7 @@ class TrainerCore:
         self.model, self.coverage = apply_lora(
             base, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
             target_modules=lora.target_modules, target_parameters=lora.target_parameters,
+            expert_impl=lora.expert_impl,
         )
         for p in self.model.parameters():  # adapters train in fp32 on a bf16 base
             if p.requires_grad:
@@ -95,6 +96,7 @@ class TrainerCore:
                 self.model, mesh=mesh,
                 param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
                 activation_checkpointing=job.train.activation_checkpointing,
+                forward_prefetch=job.train.forward_prefetch,
             )
         elif job.train.activation_checkpointing:  # one process, no FSDP: the same recompute as the ranks
             from fjordtune.train.fsdp import decoder_layer_classes, enable_activation_checkpointing

@@ -8,7 +8,7 @@ and the coverage is reported before a single step runs.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn as nn
 
@@ -22,6 +22,9 @@ class TargetCoverage:
     kind: str  # "module" or "parameter"
     num_matched: int
     example: str | None
+    impl: str = "peft"
+    """How the adapter is computed: "peft", "grouped" (expert stacks, `train/expert_lora.py`), or
+    "peft (<why grouped does not apply>)"."""
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,14 @@ class Coverage:
     num_total: int
 
     def table(self) -> str:
-        lines = ["LoRA coverage:", f"  {'target':<28} {'kind':<9} {'matched':>7}  example"]
+        lines = ["LoRA coverage:", f"  {'target':<28} {'kind':<9} {'matched':>7}  {'impl':<8} example"]
+        notes = []
         for t in self.targets:
-            lines.append(f"  {t.target:<28} {t.kind:<9} {t.num_matched:>7}  {t.example or '-'}")
+            impl, _, why = t.impl.partition(" ")
+            lines.append(f"  {t.target:<28} {t.kind:<9} {t.num_matched:>7}  {impl:<8} {t.example or '-'}")
+            if why:
+                notes.append(f"  {t.target}: {why.strip('()')}")
+        lines += notes
         pct = 100 * self.num_trainable / max(self.num_total, 1)
         lines.append(f"  trainable {self.num_trainable:,} of {self.num_total:,} parameters ({pct:.3f}%)")
         return "\n".join(lines)
@@ -60,10 +68,15 @@ def check_coverage(model: nn.Module, *, target_modules: list[str], target_parame
 
 
 def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, target_modules: list[str],
-               target_parameters: list[str]) -> tuple[nn.Module, Coverage]:
-    """Wrap `model` with peft LoRA after verifying that every target exists."""
+               target_parameters: list[str], expert_impl: str = "grouped") -> tuple[nn.Module, Coverage]:
+    """Wrap `model` with peft LoRA after verifying that every target exists. With `expert_impl="grouped"`,
+    adapters on fused expert stacks compute without forming W+BA (`train/expert_lora.py`)."""
     from peft import LoraConfig, get_peft_model
 
+    from fjordtune.train.expert_lora import EXPERT_IMPLS, use_grouped
+
+    if expert_impl not in EXPERT_IMPLS:
+        raise UserError(f"lora.expert_impl: {expert_impl!r}: use one of {', '.join(EXPERT_IMPLS)}")
     targets = check_coverage(model, target_modules=target_modules, target_parameters=target_parameters)
     cfg = LoraConfig(
         r=rank,
@@ -76,11 +89,23 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
     )
     with quiet_peft_deprecations():
         peft_model = get_peft_model(model, cfg)
+    if expert_impl == "grouped" and target_parameters:
+        impls = use_grouped(peft_model)
+        targets = [t if t.kind != "parameter" else replace(t, impl=_impl_of(t.target, impls)) for t in targets]
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     if trainable == 0:
         raise UserError("LoRA produced no trainable parameters")
     return peft_model, Coverage(tuple(targets), trainable, total)
+
+
+def _impl_of(target: str, impls: dict[str, str]) -> str:
+    """One word for all the parameters `target` matched: "grouped" if every one is, else peft's and why."""
+    mine = [v for name, v in impls.items() if name == target or name.endswith("." + target)]
+    if mine and all(v == "grouped" for v in mine):
+        return "grouped"
+    why = next((v.removeprefix("peft: ") for v in mine if v != "grouped"), "not a wrapped expert stack")
+    return f"peft ({why})"
 
 
 def _no_match(target: str, key: str, names: list[str]) -> str:

@@ -43,22 +43,38 @@ def test_builtin_preset_of_119b_is_never_built(tmp_path):
         save_builtin("mistral-small-4", tmp_path, seed=0)
 
 
-@pytest.mark.parametrize("workers, fits", [(4, False), (6, False), (7, True)])
-def test_shipped_job_fits_at_seven_h100s_only(real_counts, workers, fits):
+PEFT_PATH = ["lora.expert_impl=peft", "train.forward_prefetch=implicit"]
+
+
+@pytest.mark.parametrize("settings, workers, fits, needed", [
+    ([], 4, False, 6), ([], 5, False, 6), ([], 6, True, 6),
+    # peft's W+BA expert stacks and FSDP2's implicit prefetch: the story's 7 H100s
+    (PEFT_PATH, 4, False, 7), (PEFT_PATH, 6, False, 7), (PEFT_PATH, 7, True, 7),
+])
+def test_shipped_job_fits_where_the_estimate_says(real_counts, settings, workers, fits, needed):
     from fjordtune.preflight.gate import check
 
-    job = load_job(REAL, [*OFFLINE, f"resources.num_workers={workers}"])
+    job = load_job(REAL, [*OFFLINE, *settings, f"resources.num_workers={workers}"])
     if fits:
         report = check(job, counts=real_counts)
-        assert report.fits and report.device == "gpu"
+        assert report.fits and report.device == "gpu" and report.min_gpus == needed
         assert report.estimate.total_bytes <= report.usable_bytes
     else:
         with pytest.raises(PreflightRefused) as err:
             check(job, counts=real_counts)
         text = "\n".join(err.value.lines)
-        assert f"at {workers} GPUs" in text and "fits at 7 GPUs" in text
+        assert f"at {workers} GPUs" in text and f"fits at {needed} GPUs" in text
         assert "before any accelerator was allocated" in text
         assert not check(job, refuse=False, counts=real_counts).fits
+
+
+def test_refusal_on_the_peft_path_names_the_grouped_implementation(real_counts):
+    from fjordtune.preflight.gate import check
+
+    job = load_job(REAL, [*OFFLINE, "lora.expert_impl=peft", "resources.num_workers=6"])
+    with pytest.raises(PreflightRefused) as err:
+        check(job, counts=real_counts)
+    assert "set lora.expert_impl: grouped (" in "\n".join(err.value.lines)
 
 
 def test_unmatched_lora_target_is_refused_with_the_names():
@@ -88,10 +104,10 @@ def test_preflight_cli_exit_codes_and_json():
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
     assert data["fits"] and data["num_workers"] == 7 and data["per_worker_bytes"] < data["usable_bytes"]
-    refused = _cli("preflight", str(REAL), "--set", OFFLINE[0], "--set", "resources.num_workers=6")
+    refused = _cli("preflight", str(REAL), "--set", OFFLINE[0], "--set", "resources.num_workers=5")
     assert refused.returncode == 2
     assert "REFUSED" in refused.stdout and "Traceback" not in refused.stderr
-    assert data["min_gpus"] == 7
+    assert data["min_gpus"] == 6
     placement = data["placement"]
     assert placement["fits"] and placement["problems"] == [] and placement["source"] == "resources.gpus_per_node"
     assert placement["train"] == {"num_workers": 7, "ranks_per_node": [7], "nodes_spanned": 1, "fits": True}
@@ -103,7 +119,7 @@ def test_refused_json_names_the_smallest_gpu_count_that_fits():
     out = _cli("preflight", str(REAL), "--set", OFFLINE[0], "--set", "resources.num_workers=4", "--json")
     assert out.returncode == 2, out.stderr
     data = json.loads(out.stdout)
-    assert not data["fits"] and data["num_workers"] == 4 and data["min_gpus"] == 7
+    assert not data["fits"] and data["num_workers"] == 4 and data["min_gpus"] == 6
     assert data["placement"]["fits"], "4 ranks fit one node: the refusal is memory, not placement"
 
 

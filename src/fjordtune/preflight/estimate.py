@@ -35,6 +35,7 @@ DEFAULT_GATHERED_LAYERS_FORWARD = 3
 DEFAULT_GATHERED_LAYERS_BACKWARD = 2
 """Unsharded layer copies during compute and backward: the current layer plus the prefetched one."""
 
+EXPERT_IMPLS = ("peft", "grouped")
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lion": 1, "sgd_momentum": 1, "sgd": 0}
 FP32 = 4
 INDEX_BYTES = 8
@@ -108,7 +109,7 @@ def usable_bytes(capacity_bytes: int, headroom_fraction: float) -> int:
 
 def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micro_batch_size: int,
                     activation_checkpointing: bool, param_bytes: int = 2, adapter_bytes: int = 4,
-                    optimizer: str = "adamw",
+                    optimizer: str = "adamw", expert_impl: str = "grouped",
                     num_gathered_layers_forward: int = DEFAULT_GATHERED_LAYERS_FORWARD,
                     num_gathered_layers_backward: int = DEFAULT_GATHERED_LAYERS_BACKWARD,
                     runtime_overhead_bytes: int = DEFAULT_RUNTIME_OVERHEAD_BYTES,
@@ -117,11 +118,15 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
 
     `param_bytes` is the frozen base dtype (bf16: 2) and also the activation dtype; `adapter_bytes`
     the LoRA parameter, gradient and optimizer-state dtype (peft keeps adapters in fp32: 4).
+    `expert_impl` is `lora.expert_impl`: with "grouped", the stacks it serves (`lora_groupable_stacks`)
+    hold no W+BA, only their factors' copies and the rank-r products of the routed rows.
     """
     for name, value in (("num_workers", num_workers), ("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                         ("param_bytes", param_bytes), ("adapter_bytes", adapter_bytes)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if expert_impl not in EXPERT_IMPLS:
+        raise ValueError(f"expert_impl {expert_impl!r} unknown; known: {', '.join(EXPERT_IMPLS)}")
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer {optimizer!r} unknown; known: {', '.join(OPTIMIZER_STATES)}")
     if num_gathered_layers_forward < 1 or num_gathered_layers_backward < 1:
@@ -173,13 +178,15 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
                                "adapter gradients of all layers, sharded (end of backward)")
 
     # --- activations ---------------------------------------------------------------------------
-    per_tok = {id(g): activation_bytes_per_token(counts, g, param_bytes=pb, adapter_bytes=ab) for g in groups}
-    merged = {id(g): _merged_bytes(g, pb, ab) for g in groups}
+    per_tok = {id(g): activation_bytes_per_token(counts, g, param_bytes=pb, adapter_bytes=ab, expert_impl=expert_impl)
+               for g in groups}
+    grouped = {id(g): g.lora_groupable_stacks if expert_impl == "grouped" else () for g in groups}
+    merged = {id(g): _merged_bytes(g, pb, ab, grouped[id(g)]) for g in groups}
     num_layers = counts.num_layers
     ckpt_input = tokens * counts.hidden_size * pb
     act_big = tokens * per_tok[id(big)]
     merged_big = merged[id(big)]
-    grad_extra = _merged_grad_bytes(big, pb)
+    grad_extra = _merged_grad_bytes(big, pb, grouped[id(big)], counts.lora_rank)
     logits_bf16 = tokens * counts.vocab_size * pb
 
     if activation_checkpointing:
@@ -202,15 +209,20 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
         stored_first = MemoryTerm("activations", "activations of one layer", act_big,
                                   "what the first layer saved for its backward")
         merged_sum = sum(g.num_layers * merged[id(g)] for g in groups)
-        merged_all = _merged_term(merged_sum, num_layers, big, pb, ab)
-        merged_fwd = _merged_term(merged_sum - merged_big, num_layers - 1, big, pb, ab)
-        merged_first = _merged_term(merged_big, 1, big, pb, ab)
+        merged_all = _merged_term(merged_sum, num_layers, big, pb, ab, grouped[id(big)])
+        merged_fwd = _merged_term(merged_sum - merged_big, num_layers - 1, big, pb, ab, grouped[id(big)])
+        merged_first = _merged_term(merged_big, 1, big, pb, ab, grouped[id(big)])
     transient = MemoryTerm("layer_activations_transient", "one layer's activations (recompute)", act_big,
                            f"{_kib(per_tok[id(big)])} KiB per token x {tokens} tokens, alive while the layer "
                            "is recomputed and back-propagated")
-    merged_one = _merged_term(merged_big, 1, big, pb, ab)
-    merged_grad = MemoryTerm("expert_lora_merged_grad", "gradient of a merged expert stack", grad_extra,
-                             "grouped_mm's gradient w.r.t. W+BA, before it is reduced to the LoRA factors")
+    merged_one = _merged_term(merged_big, 1, big, pb, ab, grouped[id(big)])
+    if len(grouped[id(big)]) == len(big.lora_expert_stacks):
+        merged_grad = MemoryTerm("expert_lora_factor_grad", "gradient of one stack's LoRA factors", grad_extra,
+                                 f"{_dtype(pb)} gradient of the factors' copies, before it is cast to the adapter's "
+                                 "dtype (no gradient the size of the stack: W+BA never exists)")
+    else:
+        merged_grad = MemoryTerm("expert_lora_merged_grad", "gradient of a merged expert stack", grad_extra,
+                                 "grouped_mm's gradient w.r.t. W+BA, before it is reduced to the LoRA factors")
     logits_loss = MemoryTerm("logits", "logits and loss buffers", tokens * counts.vocab_size * (2 * pb + 2 * FP32),
                              f"{tokens} x vocab {counts.vocab_size}: {_dtype(pb)} logits, fp32 upcast, fp32 "
                              f"log-probs and the {_dtype(pb)} gradient")
@@ -268,7 +280,7 @@ def estimate_memory(counts: ParamCounts, *, num_workers: int, seq_len: int, micr
 
 
 def activation_bytes_per_token(counts: ParamCounts, group: LayerGroup, *, param_bytes: int = 2,
-                               adapter_bytes: int = 4) -> int:
+                               adapter_bytes: int = 4, expert_impl: str = "grouped") -> int:
     """Bytes one decoder layer saves for backward per token (without checkpointing).
 
     Structural count of what autograd keeps with frozen base weights (a frozen matmul keeps no
@@ -290,6 +302,8 @@ def activation_bytes_per_token(counts: ParamCounts, group: LayerGroup, *, param_
         # a wrapped stack is no longer frozen: grouped_mm keeps its input too
         for name, _ in group.lora_expert_stacks:
             total += a * k * (inter if _is_down(name) else h)
+            if expert_impl == "grouped" and name in group.lora_groupable_stacks:
+                total += a * k * counts.lora_rank  # x @ A of each routed row, kept for B's gradient
         total += a * 3 * counts.shared_expert_intermediate_size
     else:
         total += a * 3 * counts.dense_intermediate_size
@@ -344,6 +358,11 @@ def explain_refusal(counts: ParamCounts, *, num_workers: int, capacity_bytes: in
             if w_ckpt is not None and (w is None or w_ckpt < w):
                 total = estimate_memory(counts, num_workers=w_ckpt, **on).total_bytes
                 fixes.append(f"enable activation checkpointing and use {w_ckpt} {units} ({_size(total)})")
+    if est.bytes_of("expert_lora_merged") > 0 and kwargs.get("expert_impl", "grouped") == "peft" and any(
+            g.lora_groupable_stacks for g in counts.layer_groups):
+        grouped = estimate_memory(counts, num_workers=num_workers, **dict(kwargs, expert_impl="grouped"))
+        if grouped.total_bytes <= usable:
+            fixes.append(f"set lora.expert_impl: grouped ({_size(grouped.total_bytes)}: no W+BA stacks)")
     if est.bytes_of("expert_lora_merged") > est.total_bytes // 4:
         fixes.append(f"drop expert LoRA (lora.target_parameters): peft materialises W+BA, "
                      f"{_size(est.bytes_of('expert_lora_merged'))} here")
@@ -389,23 +408,26 @@ def _is_down(name: str) -> bool:
     return "down" in name or name.endswith("w2")
 
 
-def _merged_bytes(g: LayerGroup, pb: int, ab: int) -> int:
-    """W+BA stacks of one layer, plus the param-dtype copies of their LoRA factors."""
-    stacks = sum(_numel(s) for _, s in g.lora_expert_stacks) * pb
+def _merged_bytes(g: LayerGroup, pb: int, ab: int, grouped: tuple[str, ...] = ()) -> int:
+    """W+BA stacks of one layer (those not in `grouped`), plus the param-dtype copies of all their LoRA factors
+    (both implementations cast the fp32 factors to the stack's dtype, and autograd keeps the copies)."""
+    stacks = sum(_numel(s) for n, s in g.lora_expert_stacks if n not in grouped) * pb
     casts = g.lora_expert_params * pb if ab != pb else 0
     return stacks + casts
 
 
-def _merged_grad_bytes(g: LayerGroup, pb: int) -> int:
+def _merged_grad_bytes(g: LayerGroup, pb: int, grouped: tuple[str, ...] = (), rank: int = 0) -> int:
     """Extra bytes while back-propagating through the merged stacks, one at a time in reverse.
 
     Backward visits the stacks in reverse forward order; at stack k, stacks 0..k are still saved
     and the gradient of stack k exists, so the extra over all saved stacks is
-    max_k(prefix_k + size_k) - total (Mistral4: gate_up 4 GiB, down 2 GiB -> 2 GiB).
+    max_k(prefix_k + size_k) - total (Mistral4: gate_up 4 GiB, down 2 GiB -> 2 GiB). A grouped stack
+    has no merged stack: only the gradient of its factors' copy, r x E x (in + out) elements.
     """
-    sizes = [_numel(s) * pb for _, s in g.lora_expert_stacks]
+    sizes = [_numel(s) * pb for n, s in g.lora_expert_stacks if n not in grouped]
+    factor_grads = [rank * s[0] * sum(s[1:]) * pb for n, s in g.lora_expert_stacks if n in grouped and len(s) == 3]
     if not sizes:
-        return 0
+        return max(factor_grads, default=0)
     total, prefix, worst = sum(sizes), 0, 0
     for size in sizes:
         prefix += size
@@ -413,12 +435,18 @@ def _merged_grad_bytes(g: LayerGroup, pb: int) -> int:
     return worst - total
 
 
-def _merged_term(nbytes: int, layers: int, g: LayerGroup, pb: int, ab: int) -> MemoryTerm | None:
+def _merged_term(nbytes: int, layers: int, g: LayerGroup, pb: int, ab: int,
+                 grouped: tuple[str, ...] = ()) -> MemoryTerm | None:
     if nbytes <= 0:
         return None
-    names = "+".join(n.rsplit(".", 1)[-1] for n, _ in g.lora_expert_stacks)
-    one = sum(_numel(s) for _, s in g.lora_expert_stacks) * pb
     which = "kept for backward by autograd" if layers > 1 else "of the layer being computed"
+    merged = [(n, s) for n, s in g.lora_expert_stacks if n not in grouped]
+    if not merged:
+        return MemoryTerm("expert_lora_factors", f"expert LoRA factor copies x{layers} layer(s)", nbytes,
+                          f"{_dtype(pb)} copies of the fp32 expert factors for the grouped matmuls, {which} "
+                          "(lora.expert_impl: grouped, no W+BA)")
+    names = "+".join(n.rsplit(".", 1)[-1] for n, _ in merged)
+    one = sum(_numel(s) for _, s in merged) * pb
     return MemoryTerm("expert_lora_merged", f"expert W+BA stacks x{layers} layer(s)", nbytes,
                       f"peft materialises {names} W+BA ({_size(one, 2)} per layer, {_dtype(pb)}) for "
                       f"grouped_mm, {which}" + (f"; plus {_dtype(pb)} copies of the factors" if ab != pb else ""))

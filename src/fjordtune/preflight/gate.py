@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from fjordtune.config.schema import JobSpec
 from fjordtune.errors import PreflightRefused, UserError
 from fjordtune.preflight.estimate import (
+    DEFAULT_GATHERED_LAYERS_FORWARD,
     GiB,
     MemoryEstimate,
     estimate_memory,
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 CPU_RUNTIME_OVERHEAD_BYTES = 1 * GiB
 """A CPU worker has no CUDA context or NCCL buffers, but torch, transformers and Ray cost about 1 GiB."""
 MAX_WORKERS_SEARCHED = 64
+GATHERED_LAYERS_FORWARD = {"explicit": 2, "implicit": DEFAULT_GATHERED_LAYERS_FORWARD}
+"""Unsharded layer copies at the forward peak per `train.forward_prefetch` (traced: 2 and 3)."""
 
 
 EVAL_TOKENS_PER_REQUEST = 1024
@@ -254,13 +257,14 @@ def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = Non
         raise PreflightRefused(
             f"lora: {', '.join(counts.lora_unmatched_targets)} match nothing in this model; peft would skip "
             "them silently (the story's adapter trained only o_proj this way)",
-            counts.lora_coverage(),
+            counts.lora_coverage(job.lora.expert_impl),
         )
     cap, device = capacity(job)
     kwargs = dict(
         seq_len=job.data.max_seq_len, micro_batch_size=job.train.micro_batch_size,
         activation_checkpointing=job.train.activation_checkpointing,
-        param_bytes=2 if job.model.dtype == "bfloat16" else 4,
+        param_bytes=2 if job.model.dtype == "bfloat16" else 4, expert_impl=job.lora.expert_impl,
+        num_gathered_layers_forward=GATHERED_LAYERS_FORWARD[job.train.forward_prefetch],
     )
     if device == "cpu":
         kwargs["runtime_overhead_bytes"] = CPU_RUNTIME_OVERHEAD_BYTES
@@ -278,7 +282,7 @@ def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = Non
             max_workers=max(MAX_WORKERS_SEARCHED, job.resources.num_workers), headroom_fraction=headroom, **kwargs,
         )
     )
-    lines = [f"== preflight {job.name}", counts.lora_coverage(), est.table(), verdict]
+    lines = [f"== preflight {job.name}", counts.lora_coverage(job.lora.expert_impl), est.table(), verdict]
     plan = plan_eval(job, counts, cap) if job.eval.models else None
     ev = estimate_eval(job, counts, cap, gpus=plan.gpus_per_replica) if plan and device == "gpu" else None
     if plan is not None:
@@ -322,7 +326,7 @@ def check(job: JobSpec, *, refuse: bool = True, counts: ParamCounts | None = Non
         lines.extend(_traced_lines(traced, est.live_bytes, loading.traced_comparable_bytes))
     lines.append("preflight: OK" if fits else "preflight: REFUSED")
     text = "\n".join(lines)
-    report = PreflightReport(fits, text, est, cap, usable, device, counts.lora_coverage(), ev,
+    report = PreflightReport(fits, text, est, cap, usable, device, counts.lora_coverage(job.lora.expert_impl), ev,
                              placement=placed, min_gpus=min_gpus, loading=loading, traced=traced)
     if not fits and refuse:
         raise PreflightRefused(text, "refused before any accelerator was allocated; "

@@ -49,6 +49,8 @@ class LayerGroup:
     """Fused expert stacks wrapped through `target_parameters`: peft materialises W+BA for each."""
     lora_expert_params: int
     """LoRA parameters that belong to the wrapped expert stacks."""
+    lora_groupable_stacks: tuple[str, ...] = ()
+    """The wrapped stacks `lora.expert_impl: grouped` computes without W+BA (`train/expert_lora.py`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +107,8 @@ class ParamCounts:
     """Requested targets that matched nothing; peft skips them without a word."""
     lora_match_counts: tuple[tuple[str, int], ...] = ()
     """How many modules / parameters each matched name stands for (`o_proj`: 36)."""
+    lora_grouped_impls: tuple[tuple[str, str], ...] = ()
+    """For each wrapped parameter: "grouped" where `lora.expert_impl: grouped` applies, else "peft: <why>"."""
 
     @property
     def lora_params_per_layer(self) -> int:
@@ -124,12 +128,18 @@ class ParamCounts:
                                 lora_target_modules=lora_target_modules,
                                 lora_target_parameters=lora_target_parameters)
 
-    def lora_coverage(self) -> str:
-        """One paragraph saying what the LoRA targets really wrap."""
+    def lora_coverage(self, expert_impl: str = "grouped") -> str:
+        """One paragraph saying what the LoRA targets really wrap, and how each wrapped parameter is computed
+        under `expert_impl` (`lora.expert_impl`)."""
         lines = [f"LoRA r={self.lora_rank}: {self.lora_params:,} parameters on {self.num_lora_targets} targets"]
         counts = dict(self.lora_match_counts)
+        impls = dict(self.lora_grouped_impls)
         lines += [f"  module     {n} (x{counts.get(n, '?')})" for n in self.lora_matched_modules]
-        lines += [f"  parameter  {n} (x{counts.get(n, '?')})" for n in self.lora_matched_parameters]
+        for n in self.lora_matched_parameters:
+            status = impls.get(n, "peft: not an expert stack")
+            impl = ("peft (lora.expert_impl: peft)" if expert_impl == "peft" else
+                    "grouped" if status == "grouped" else f"peft ({status.removeprefix('peft: ')})")
+            lines.append(f"  parameter  {n} (x{counts.get(n, '?')}), {impl}")
         if self.lora_unmatched_targets:
             lines.append(f"  matched nothing (peft skips these silently): {', '.join(self.lora_unmatched_targets)}")
         return "\n".join(lines)
@@ -211,10 +221,11 @@ def count_parameters(model: Any, *, lora_rank: int, lora_target_modules: Sequenc
         experts = tuple((n, s) for n, s in shapes if len(s) == 3)
         is_moe = bool(experts) or any(".experts." in f".{n}" for n, _ in shapes)
         info = lora.per_layer.get(name, _LayerLora())
-        key = (shapes, info.shapes, info.linear_in, info.expert_stacks)
+        key = (shapes, info.shapes, info.linear_in, info.expert_stacks, info.grouped_stacks)
         if key not in groups:
             stacks = tuple((n, s) for n, s in experts if n in info.expert_stacks)
             groups[key] = {"num_layers": 0, "is_moe": is_moe, "num_params": sum(_numel(s) for _, s in shapes),
+                               "lora_groupable_stacks": tuple(n for n, _ in stacks if n in info.grouped_stacks),
                                "param_shapes": shapes, "expert_param_shapes": experts,
                                "lora_params": sum(_numel(s) for _, s in info.shapes), "lora_shapes": info.shapes,
                                "lora_linear_in_features": info.linear_in, "lora_expert_stacks": stacks,
@@ -246,6 +257,7 @@ def count_parameters(model: Any, *, lora_rank: int, lora_target_modules: Sequenc
         lora_matched_parameters=lora.matched_parameters,
         lora_unmatched_targets=lora.unmatched,
         lora_match_counts=lora.match_counts,
+        lora_grouped_impls=lora.grouped_impls,
         **dims,
     )
 
@@ -256,6 +268,7 @@ class _LayerLora:
     linear_in: tuple[int, ...] = ()
     expert_stacks: tuple[str, ...] = ()
     expert_params: int = 0
+    grouped_stacks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -268,6 +281,7 @@ class _LoraSummary:
     matched_parameters: tuple[str, ...] = ()
     unmatched: tuple[str, ...] = ()
     match_counts: tuple[tuple[str, int], ...] = ()
+    grouped_impls: tuple[tuple[str, str], ...] = ()
 
 
 def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules: str | tuple[str, ...],
@@ -301,9 +315,19 @@ def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules
         listed = () if isinstance(target_modules, str) else target_modules
         return _LoraSummary(per_layer={}, unmatched=listed + target_parameters or ("<no target matched>",))
     base = peft_model.get_base_model()
+    from fjordtune.train.expert_lora import use_grouped
 
     def owner(path: str) -> str | None:
         return next((n for n in layer_names if path == n or path.startswith(n + ".")), None)
+
+    grouped: dict[str, list[str]] = {}
+    impls: dict[str, str] = {}
+    for path, status in use_grouped(base).items():  # on this throwaway copy: which stacks grouped serves
+        canon = _canonical(path)
+        impls[_LAYER_INDEX.sub(".*", canon)] = status
+        layer = owner(canon)
+        if status == "grouped" and layer is not None:
+            grouped.setdefault(layer, []).append(canon[len(layer) + 1:])
 
     shapes: dict[str, list[tuple[str, Shape]]] = {}
     linear_in: dict[str, list[int]] = {}
@@ -345,7 +369,8 @@ def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules
             shapes.setdefault(layer, []).append((name[len(layer) + 1:], tuple(p.shape)))
     per_layer = {
         name: _LayerLora(shapes=tuple(shapes.get(name, ())), linear_in=tuple(linear_in.get(name, ())),
-                         expert_stacks=tuple(stacks.get(name, ())), expert_params=expert_params.get(name, 0))
+                         expert_stacks=tuple(stacks.get(name, ())), expert_params=expert_params.get(name, 0),
+                         grouped_stacks=tuple(grouped.get(name, ())))
         for name in layer_names
     }
     total = sum(p.numel() for n, p in base.named_parameters() if "lora_" in n)
@@ -358,7 +383,8 @@ def _apply_lora(model: Any, layer_names: list[str], *, rank: int, target_modules
         tally[pattern] = tally.get(pattern, 0) + 1
     return _LoraSummary(total=total, per_layer=per_layer, root_shapes=tuple(root_shapes), num_targets=num_targets,
                         matched_modules=tuple(sorted(modules)), matched_parameters=tuple(sorted(params)),
-                        unmatched=unmatched, match_counts=tuple(sorted(tally.items())))
+                        unmatched=unmatched, match_counts=tuple(sorted(tally.items())),
+                        grouped_impls=tuple(sorted(impls.items())))
 
 
 def _canonical(path: str) -> str:

@@ -150,11 +150,13 @@ def test_modules_outside_the_experts_interface_keep_peft_and_say_why():
     layer1 = {k: v for k, v in impls.items() if ".layers.1." in k}
     assert layer1 and all(v.startswith("peft: ") and "has_gate" in v for v in layer1.values()), layer1
     assert all(v == "grouped" for k, v in impls.items() if ".layers.0." in k)
-    experts.has_gate = True
-    experts._is_expert_parallel = True
     model = _peft(_model("mistral4"))
     model.get_base_model().model.layers[0].mlp.experts.get_base_layer()._is_expert_parallel = True
     assert "expert-parallel" in use_grouped(model)["base_model.model.model.layers.0.mlp.experts.gate_up_proj"]
+    model = _peft(_model("mistral4"))
+    stack = model.get_base_model().model.layers[0].mlp.experts.get_base_layer().down_proj
+    stack.data = stack.data.to(torch.float8_e4m3fn)
+    assert "float8" in use_grouped(model)["base_model.model.model.layers.0.mlp.experts.down_proj"]
 
 
 def test_coverage_table_names_the_implementation_of_each_target(tiny_model_dir):

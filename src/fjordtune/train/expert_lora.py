@@ -80,8 +80,11 @@ def reason_not_grouped(wrapper: Any) -> str | None:
     for w in _chain(wrapper):
         if w.parameter_name not in (first, "down_proj"):
             return f"{w.parameter_name} is not one of {type(base).__name__}'s projection stacks ({first}, down_proj)"
-        if getattr(base, w.parameter_name).dim() != 3:
+        stack = getattr(base, w.parameter_name)
+        if stack.dim() != 3:
             return f"{w.parameter_name} is not a 3-D expert stack"
+        if stack.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"{w.parameter_name} is stored in {stack.dtype} (peft upcasts low-precision stacks)"
         if getattr(w, "num_experts", 0) != base.num_experts:
             return f"{w.parameter_name}: the adapter has {getattr(w, 'num_experts', 0)} experts, the module " \
                    f"{base.num_experts}"

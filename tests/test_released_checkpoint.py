@@ -280,3 +280,34 @@ def test_tied_embeddings_stay_tied_and_load(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_merged_export_from_the_fp8_release(released, tmp_path, make_adapter):
+    """Dequantized as read, the adapter merged, written as a bf16 text model: no vision tensors, no scales,
+    and the weights the adapter leaves alone are the hand-dequantized ones exactly."""
+    from safetensors import safe_open
+    from transformers import Mistral4ForCausalLM
+
+    from fjordtune.export.merged import export_merged
+    from fjordtune.model.adapter import LoraUpdates
+
+    folder, reference, _, text = released
+    adapter = make_adapter(folder, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    summary = export_merged(folder, adapter, out, dtype="bfloat16")
+    assert summary.num_merged == 7 * text.num_hidden_layers
+    model, info = Mistral4ForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "mistral4"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(reference)  # text weights only: no vision tower, scales or projector
+    with LoraUpdates.open(adapter, text) as updates:
+        for name in ("model.embed_tokens.weight", "model.layers.0.mlp.gate.weight",
+                     "model.layers.1.mlp.experts.down_proj", "model.layers.0.self_attn.o_proj.weight"):
+            with safe_open(str(out / index["weight_map"][name]), "pt") as f:
+                got = f.get_tensor(name).float()
+            update = updates.update(name)
+            want = reference[name].float() + (update.rows(0, update.shape[0]) if update is not None else 0)
+            tolerance = 0 if update is None else 1e-2 * want.abs().max()
+            assert (got - want).abs().max() <= tolerance, name

@@ -143,6 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortest eval text matched on its own, in words (default: data.contamination.min_words, 8)")
 
     p = sub.add_parser(
+        "export", help="the tuned model as a plain Hugging Face folder: base + adapter merged, a shard at a time",
+        description="Merge the LoRA adapter (attention and experts) into the job's base model and write a Hugging "
+        "Face folder: config, tokenizer, safetensors shards and their index, standard key names, no peft wrappers, "
+        "loadable by transformers and vLLM. The base is read the way training reads it (model.path: the released "
+        "FP8 checkpoint is dequantized as read; the vision tower is left out), one block of rows at a time, so "
+        "host memory stays at about one shard plus one layer. An s3:// destination is uploaded as one commit.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  fjordtune export jobs/demo.yaml --format merged\n"
+        "  fjordtune export jobs/norskmistral-119b.yaml --adapter s3://fjordtune-runs/norskmistral-119b/adapter "
+        "--out s3://fjordtune-runs/norskmistral-119b/export/merged-bf16",
+    )
+    _job_args(p)
+    p.add_argument("--format", choices=("merged",), default="merged",
+                   help="merged: a Hugging Face safetensors folder (the default and, for now, the only one)")
+    p.add_argument("--adapter", metavar="URI", help="the adapter folder, s3:// or local (default: the run's trained "
+                   "adapter, <storage.uri>/<name>/adapter)")
+    p.add_argument("--out", metavar="URI", help="where to write, s3:// or a new local folder (default: "
+                   "<storage.uri>/<name>/export/merged)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype of the written weights (default bfloat16; the merge itself is computed in float32)")
+    p.add_argument("--shard-size", type=float, default=5.0, metavar="GB",
+                   help="largest safetensors shard, in GB (default 5, as Hugging Face's save_pretrained)")
+
+    p = sub.add_parser(
         "checkpoints", help="list, inspect, prune or fetch a run's resumable checkpoints",
         description="Operate on the checkpoints of a run in storage. RUN is a run URI (<storage.uri>/<name>, e.g. "
         "s3://bucket/runs/demo), its checkpoints folder, or a job file (its storage.uri and name, and its storage "
@@ -382,6 +406,18 @@ def cmd_contamination(args: argparse.Namespace) -> int:
     return 1 if result.hits else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fjordtune.errors import UserError
+    from fjordtune.export.merged import export_job
+
+    if args.shard_size <= 0:
+        raise UserError(f"--shard-size {args.shard_size}: give a positive size in GB")
+    where, summary = export_job(_load(args), adapter=args.adapter, out=args.out, dtype=args.dtype,
+                                shard_bytes=int(args.shard_size * 1e9))
+    print(summary.line().replace(str(summary.out_dir), where))
+    return 0
+
+
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     import time
 
@@ -439,5 +475,5 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 COMMANDS = {
     "validate": cmd_validate, "preflight": cmd_preflight, "train": cmd_train, "eval": cmd_eval,
     "report": cmd_report, "run": cmd_run, "submit": cmd_submit, "checkpoints": cmd_checkpoints,
-    "contamination": cmd_contamination,
+    "contamination": cmd_contamination, "export": cmd_export,
 }

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from fjordtune.errors import InfraError, InternalError, UserError
 from fjordtune.eval.scorer import Scorer
-from fjordtune.model.weights import CHUNK_BYTES, canonical_name, text_config
+from fjordtune.model.weights import CHUNK_BYTES, text_config
 
 log = logging.getLogger(__name__)
 
@@ -241,99 +241,26 @@ def merge_adapter_into_shards(model: Any, adapter_dir: str | Path, *, chunk_byte
     Returns the number of weights updated.
 
     peft cannot wrap the TP model itself (peft 0.21.2 tries to shard LoRA weights for a TP base and fails on
-    the fused experts: `add_lora_tp_hooks_dtensor`, peft/tuners/lora/model.py:144). So peft wraps a copy
-    of the architecture on the meta device (no memory), which checks the adapter file against the model
-    and says, per target, how A and B combine (`ParamWrapper.get_delta_factors` for fused experts).
+    the fused experts: `add_lora_tp_hooks_dtensor`, peft/tuners/lora/model.py:144). So the adapter is read as
+    low-rank updates of named weights (`model/adapter.py`: checked against a meta copy of the architecture,
+    one target's A and B in memory at a time).
     """
-    from peft import PeftConfig, get_peft_model
-    from peft.tuners.lora.layer import LoraLayer
-    from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
+    from fjordtune.model.adapter import LoraUpdates
 
-    from fjordtune.model.load import quiet_peft_deprecations
-    from fjordtune.model.weights import build_meta_model
-
-    adapter_dir = Path(adapter_dir)
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.exists():
-        raise UserError(f"{adapter_dir}: no adapter_model.safetensors (not a peft adapter folder?)")
-    peft_config = PeftConfig.from_pretrained(str(adapter_dir))
-    if peft_config.peft_type != "LORA":  # PeftType is a str enum
-        raise UserError(f"{adapter_dir}: a {peft_config.peft_type} adapter; only LoRA merges into TP shards")
-    extra = [k for k in ("modules_to_save", "trainable_token_indices") if getattr(peft_config, k, None)]
-    if extra:
-        raise UserError(f"{adapter_dir}: adapter sets {extra}: whole replaced modules do not merge into TP shards")
-
-    skeleton = build_meta_model(model.config, dtype=torch.float32)
-    with quiet_peft_deprecations():
-        peft_model = get_peft_model(skeleton, peft_config, low_cpu_mem_usage=True)
-    expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    # read lazily, one layer's A and B at a time: the whole file is 8 GiB in fp32 at 119B, on every rank
-    with safe_open(str(weights), "pt") as file:
-        shapes = {k: tuple(file.get_slice(k).get_shape()) for k in file.keys()}  # noqa: SIM118 - not a mapping
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    mismatched = sorted(k for k in set(shapes) & set(expected) if shapes[k] != tuple(expected[k].shape))
-    if missing or unexpected or mismatched:
-        raise UserError(f"{adapter_dir}: adapter does not match the base model: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}, other shapes {mismatched[:3]}")
-
-    adapter = "default"
-    used: set[str] = set()
     num = 0
-    with safe_open(str(weights), "pt") as file:
-        for name, layer in peft_model.named_modules():
-            if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
-                num += _merge_layer(model, layer, name, file, adapter, used, adapter_dir, chunk_bytes)
-    if set(shapes) - used:
-        raise UserError(f"{adapter_dir}: tensors that are not LoRA A/B pairs: {sorted(set(shapes) - used)[:3]}")
+    with LoraUpdates.open(adapter_dir, model.config) as updates:
+        for target in updates:
+            try:
+                param = model.get_parameter(target)
+            except AttributeError:
+                raise UserError(f"{adapter_dir}: adapter targets {target}, which the model does not have") from None
+            update = updates.update(target)
+            if tuple(param.shape) != update.shape:
+                raise UserError(f"{adapter_dir}: {target}: the update is {update.shape}, the weight "
+                                f"{tuple(param.shape)}")
+            _add_low_rank(param, update.lhs, update.rhs, update.scale, chunk_bytes=chunk_bytes)
+            num += 1
     return num
-
-
-def _merge_layer(model: Any, layer: Any, name: str, file: Any, adapter: str, used: set[str],
-                 adapter_dir: str | Path, chunk_bytes: int) -> int:
-    """Add one LoRA layer's update to this rank's shard of its weight. Its A and B are read from the
-    adapter file (`safe_open`) now and let go after: the meta skeleton gets its meta tensors back."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-    from peft.tuners.lora.layer import ParamWrapper
-
-    if type(layer) not in (LoraLinear, ParamWrapper) or layer.use_dora.get(adapter) \
-            or layer.lora_bias.get(adapter) or adapter in getattr(layer, "lora_variant", {}):
-        raise UserError(f"{adapter_dir}: {canonical_name(name)}: a {type(layer).__name__} LoRA layer (DoRA, "
-                        "bias or variant): only plain LoRA on linear layers and fused parameters merges into TP shards")
-    keys = (f"{name}.lora_A.weight", f"{name}.lora_B.weight")
-    if not all(k in file.keys() for k in keys):  # noqa: SIM118 - safe_open is not a mapping
-        raise InternalError(f"peft saves {canonical_name(name)}'s LoRA under other names than {keys}")
-    used.update(keys)
-    a, b = (file.get_tensor(k).to(torch.float32) for k in keys)
-    target = canonical_name(name) + "." + (layer.parameter_name if isinstance(layer, ParamWrapper) else "weight")
-    try:
-        param = model.get_parameter(target)
-    except AttributeError:
-        raise UserError(f"{adapter_dir}: adapter targets {target}, which the model does not have") from None
-    if param.ndim == 3:
-        if not hasattr(layer, "get_delta_factors"):
-            import peft
-
-            raise UserError(f"peft {peft.__version__} has no ParamWrapper.get_delta_factors, which merging "
-                            "fused-expert LoRA into TP shards uses (peft 0.21.2 has it)")
-        # peft's own layout of A and B over the experts (`(experts, rank, in)` etc.), not re-derived here
-        meta_a, meta_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        layer.lora_A[adapter].weight = torch.nn.Parameter(a, requires_grad=False)
-        layer.lora_B[adapter].weight = torch.nn.Parameter(b, requires_grad=False)
-        try:
-            lhs, rhs, scale = layer.get_delta_factors(adapter)
-        finally:
-            layer.lora_A[adapter].weight, layer.lora_B[adapter].weight = meta_a, meta_b
-    elif getattr(layer, "fan_in_fan_out", False):
-        lhs, rhs, scale = a.T, b.T, layer.scaling[adapter]
-    else:
-        lhs, rhs, scale = b, a, layer.scaling[adapter]
-    if tuple(param.shape) != tuple(lhs.shape[:-1]) + tuple(rhs.shape[-1:]):
-        raise UserError(f"{adapter_dir}: {target}: the update is {tuple(lhs.shape[:-1]) + tuple(rhs.shape[-1:])}, "
-                        f"the weight {tuple(param.shape)}")
-    _add_low_rank(param, lhs, rhs, float(scale), chunk_bytes=chunk_bytes)
-    return 1
 
 
 @torch.no_grad()

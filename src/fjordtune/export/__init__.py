@@ -1,0 +1,1 @@
+"""Shipping what was trained: merged model folders (and, later, GGUF files)."""

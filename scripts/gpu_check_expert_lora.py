@@ -18,7 +18,6 @@ or ./gpu-check) and prints one line per implementation. Results: docs/gpu-result
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -123,7 +122,7 @@ def main() -> None:
                    "top_k": cfg.num_experts_per_tok, "seq": args.seq, "rank": args.rank},
         "model_and_adapters_gib": round(base_bytes / GiB, 2),
     }
-    initial = copy.deepcopy({n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad})
+    initial = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
     results["peft"] = measure(peft, ids, args.steps, device)
     with torch.no_grad():  # the same starting adapters for the grouped run
         for n, p in peft.named_parameters():

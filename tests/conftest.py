@@ -63,27 +63,28 @@ LORA_ATTENTION = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_
 LORA_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
+def make_lora_adapter(model_dir: Path, out: Path, *, seed: int = 0) -> Path:
+    """A saved peft LoRA adapter (r=8) on Mistral4's attention projections and both fused expert stacks, with
+    every factor random (peft starts B at zero, which merges to nothing). Also as the `make_adapter` fixture."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from fjordtune.model.load import load_causal_lm, quiet_peft_deprecations
+
+    with quiet_peft_deprecations():
+        model = get_peft_model(load_causal_lm(str(model_dir), dtype="float32"),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=LORA_ATTENTION,
+                                          target_parameters=LORA_EXPERTS))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def make_adapter():
-    """`make_adapter(model_dir, out, seed=0)`: a saved peft LoRA adapter (r=8) on Mistral4's attention projections
-    and both fused expert stacks, with every factor random (peft starts B at zero, which merges to nothing)."""
-
-    def make(model_dir: Path, out: Path, *, seed: int = 0) -> Path:
-        import torch
-        from peft import LoraConfig, get_peft_model
-
-        from fjordtune.model.load import load_causal_lm, quiet_peft_deprecations
-
-        with quiet_peft_deprecations():
-            model = get_peft_model(load_causal_lm(str(model_dir), dtype="float32"),
-                                   LoraConfig(r=8, lora_alpha=16, target_modules=LORA_ATTENTION,
-                                              target_parameters=LORA_EXPERTS))
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-        model.save_pretrained(out)
-        return out
-
-    return make
+    """`make_adapter(model_dir, out, seed=0)`: `make_lora_adapter`."""
+    return make_lora_adapter

@@ -167,6 +167,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest safetensors shard, in GB (default 5, as Hugging Face's save_pretrained)")
 
     p = sub.add_parser(
+        "serve", help="the tuned model behind an OpenAI-compatible API (Ray Serve): /v1/chat/completions, /v1/models",
+        description="Deploy the tuned model as the Ray Serve application fjordtune-<name> (or --model-name) with an "
+        "OpenAI-compatible /v1/chat/completions (streaming and not) and /v1/models, using the model's chat template. "
+        "By default the run's adapter (<storage.uri>/<name>/adapter) is merged into the base inside the replica; "
+        "--merged serves a folder written by `fjordtune export`. Engines: transformers' generate (CPU, one GPU) or "
+        "vLLM through Ray Serve LLM (GPUs; unverified until a GPU check has run it, docs/serve.md). On a running Ray "
+        "cluster (--address, RAY_ADDRESS, or one started on this machine) the application keeps running after this "
+        "command returns: stop it with --down. Without a cluster, a private one is started and the server runs in "
+        "the foreground until Ctrl-C.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  fjordtune serve jobs/demo.yaml\n"
+        "  fjordtune serve jobs/demo.yaml --port 8001 --max-tokens 256 --max-concurrent 2\n"
+        "  fjordtune serve jobs/norskmistral-119b.yaml --merged s3://fjordtune-runs/norskmistral-119b/export/merged\n"
+        "  fjordtune serve jobs/demo.yaml --down",
+    )
+    _job_args(p)
+    p.add_argument("--adapter", metavar="URI", help="adapter to merge into the base (default: the run's, "
+                   "<storage.uri>/<name>/adapter)")
+    p.add_argument("--merged", metavar="URI", help="serve this merged model folder (`fjordtune export` output) instead")
+    p.add_argument("--engine", choices=("auto", "transformers", "vllm"), default="auto",
+                   help="auto (default): vllm when resources.use_gpu, else transformers")
+    p.add_argument("--model-name", metavar="NAME", help="the model id clients ask for (default: the job's name)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address of Serve's proxy (default 127.0.0.1, loopback "
+                   "only; 0.0.0.0 exposes it: there is no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--max-tokens", type=int, default=512, metavar="N",
+                   help="most new tokens per request; a request asking for more gets a 400 (default 512)")
+    p.add_argument("--max-concurrent", type=int, default=4, metavar="N",
+                   help="requests one replica works on at once; the rest wait (default 4)")
+    p.add_argument("--max-queued", type=int, default=16, metavar="N",
+                   help="requests waiting beyond --max-concurrent; more get 503 at once (default 16)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="model replicas (default 1)")
+    p.add_argument("--address", help="Ray cluster (GCS) address, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS, or a "
+                   "cluster running on this machine)")
+    p.add_argument("--down", action="store_true", help="stop the served application instead")
+
+    p = sub.add_parser(
         "checkpoints", help="list, inspect, prune or fetch a run's resumable checkpoints",
         description="Operate on the checkpoints of a run in storage. RUN is a run URI (<storage.uri>/<name>, e.g. "
         "s3://bucket/runs/demo), its checkpoints folder, or a job file (its storage.uri and name, and its storage "
@@ -418,6 +455,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fjordtune.errors import UserError
+    from fjordtune.serve import app
+
+    job = _load(args)
+    for flag in ("max_tokens", "max_concurrent", "replicas", "port"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive number")
+    if args.max_queued < 0:
+        raise UserError(f"--max-queued {args.max_queued}: give 0 or more")
+    options = app.ServeOptions(model_id=args.model_name or job.name, engine=app.pick_engine(job, args.engine),
+                               host=args.host, port=args.port, max_tokens=args.max_tokens,
+                               max_concurrent=args.max_concurrent, max_queued=args.max_queued, replicas=args.replicas)
+    private = app.connect(args.address)
+    if args.down:
+        gone = app.shutdown(options.app_name)
+        print(f"serve: {options.app_name} {'deleted' if gone else 'was not running'}")
+        return 0
+    source = app.resolve_source(job, adapter=args.adapter, merged=args.merged, engine=options.engine)
+    print(f"serve: deploying {options.app_name} ({options.engine}: {source.describe()}); the first start loads "
+          "and merges the model", flush=True)
+    app.deploy(job, source, options)
+    print(f"serve: {options.model_id} answers at {options.base_url} (Ray Serve application {options.app_name})")
+    for line in app.client_lines(options):
+        print(f"  {line}")
+    if not private:
+        print(f"stop it with: fjordtune serve {args.job} --down")
+        return 0
+    print("serving in the foreground (no Ray cluster was running); Ctrl-C stops it", flush=True)
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     import time
 
@@ -475,5 +550,5 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 COMMANDS = {
     "validate": cmd_validate, "preflight": cmd_preflight, "train": cmd_train, "eval": cmd_eval,
     "report": cmd_report, "run": cmd_run, "submit": cmd_submit, "checkpoints": cmd_checkpoints,
-    "contamination": cmd_contamination, "export": cmd_export,
+    "contamination": cmd_contamination, "export": cmd_export, "serve": cmd_serve,
 }

@@ -17,7 +17,11 @@ want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS-$TORCH_SPEC
 stamp="$VENV/.fjordtune-installed"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   log="$VENV/install.log"
-  echo "[bootstrap] installing fjordtune[$EXTRAS] into $VENV (first time: 1-3 minutes; log: $log)"
+  echo "[bootstrap] installing fjordtune[$EXTRAS] into $VENV (first time: 1-3 minutes, plus about 5 to compile "\
+    "llama.cpp for the test extra; log: $log)"
+  # llama-cpp-python compiles llama.cpp from its sdist: the library only (no tools, tests, server or vision
+  # projector), which is all `fjordtune export --format gguf` calls. A CMAKE_ARGS of the caller wins.
+  export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}"
   pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >>"$log" 2>&1; }
   : > "$log"
   if ! { pip_install --upgrade pip && pip_install "$TORCH_SPEC" && pip_install -e "$ROOT[$EXTRAS]"; }; then

@@ -63,9 +63,9 @@ LORA_ATTENTION = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_
 LORA_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def make_lora_adapter(model_dir: Path, out: Path, *, seed: int = 0) -> Path:
+def make_lora_adapter(model_dir: Path, out: Path, *, seed: int = 0, scale: float = 0.05) -> Path:
     """A saved peft LoRA adapter (r=8) on Mistral4's attention projections and both fused expert stacks, with
-    every factor random (peft starts B at zero, which merges to nothing). Also as the `make_adapter` fixture."""
+    every factor random, N(0, scale^2) (peft starts B at zero, which merges to nothing). Also as the `make_adapter` fixture."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -79,7 +79,7 @@ def make_lora_adapter(model_dir: Path, out: Path, *, seed: int = 0) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
     model.save_pretrained(out)
     return out
 

@@ -143,24 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortest eval text matched on its own, in words (default: data.contamination.min_words, 8)")
 
     p = sub.add_parser(
-        "export", help="the tuned model as a plain Hugging Face folder: base + adapter merged, a shard at a time",
+        "export", help="the tuned model as a plain Hugging Face folder (base + adapter merged) or a GGUF file",
         description="Merge the LoRA adapter (attention and experts) into the job's base model and write a Hugging "
         "Face folder: config, tokenizer, safetensors shards and their index, standard key names, no peft wrappers, "
         "loadable by transformers and vLLM. The base is read the way training reads it (model.path: the released "
         "FP8 checkpoint is dequantized as read; the vision tower is left out), one block of rows at a time, so "
-        "host memory stays at about one shard plus one layer. An s3:// destination is uploaded as one commit.",
+        "host memory stays at about one shard plus one layer. An s3:// destination is uploaded as one commit.\n\n"
+        "--format gguf then converts that folder with llama.cpp's own converter (and, for q4_k_m, its quantizer) "
+        "into one GGUF file, checks that llama.cpp reads it back and tokenizes like the model's tokenizer, and only "
+        "then publishes it. What llama.cpp does not support is refused in one line with exit 2, writing nothing. "
+        "Local disk (storage.cache_dir for s3:// destinations): the merged folder and the GGUF at once.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  fjordtune export jobs/demo.yaml --format merged\n"
+        "  fjordtune export jobs/demo.yaml --format gguf --quant q8_0\n"
         "  fjordtune export jobs/norskmistral-119b.yaml --adapter s3://fjordtune-runs/norskmistral-119b/adapter "
         "--out s3://fjordtune-runs/norskmistral-119b/export/merged-bf16",
     )
     _job_args(p)
-    p.add_argument("--format", choices=("merged",), default="merged",
-                   help="merged: a Hugging Face safetensors folder (the default and, for now, the only one)")
+    p.add_argument("--format", choices=("merged", "gguf"), default="merged",
+                   help="merged (default): a Hugging Face safetensors folder; gguf: one GGUF file for llama.cpp, "
+                   "made by llama.cpp's own converter and quantizer (needs fjordtune[gguf])")
+    p.add_argument("--quant", choices=("bf16", "q8_0", "q4_k_m"), default="q4_k_m",
+                   help="GGUF weight type (default q4_k_m, as the story shipped: ~70 GB for the 119B model)")
     p.add_argument("--adapter", metavar="URI", help="the adapter folder, s3:// or local (default: the run's trained "
                    "adapter, <storage.uri>/<name>/adapter)")
     p.add_argument("--out", metavar="URI", help="where to write, s3:// or a new local folder (default: "
-                   "<storage.uri>/<name>/export/merged)")
+                   "<storage.uri>/<name>/export/merged, or .../export/gguf-<quant>)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                    help="dtype of the written weights (default bfloat16; the merge itself is computed in float32)")
     p.add_argument("--shard-size", type=float, default=5.0, metavar="GB",
@@ -450,8 +458,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.shard_size <= 0:
         raise UserError(f"--shard-size {args.shard_size}: give a positive size in GB")
     where, summary = export_job(_load(args), adapter=args.adapter, out=args.out, dtype=args.dtype,
-                                shard_bytes=int(args.shard_size * 1e9))
-    print(summary.line().replace(str(summary.out_dir), where))
+                                shard_bytes=int(args.shard_size * 1e9), format=args.format, quant=args.quant)
+    local = summary.out_dir if args.format == "merged" else summary.path.parent
+    print(summary.line().replace(str(local), where))
     return 0
 
 

@@ -228,32 +228,45 @@ def _copy_tokenizer(model_dir: Path, out: Path) -> None:
 
 
 def export_job(job: Any, *, adapter: str | None = None, out: str | None = None, dtype: str = "bfloat16",
-               shard_bytes: int = DEFAULT_SHARD_BYTES) -> tuple[str, ExportSummary]:
-    """`fjordtune export JOB --format merged`: the job's base model (`model.path`, staged or cached as the run
-    loads it) with `adapter` merged (default: the run's trained adapter, `<storage.uri>/<name>/adapter`),
-    written to `out` (default `<storage.uri>/<name>/export/merged`). An s3:// destination is written next to
-    the node cache (`storage.cache_dir`), then uploaded as one commit: readers see the whole folder or the
-    previous one. Returns (where it went, the summary)."""
+               shard_bytes: int = DEFAULT_SHARD_BYTES, format: str = "merged", quant: str = "q4_k_m") -> tuple[str, Any]:
+    """`fjordtune export JOB`: the job's base model (`model.path`, staged or cached as the run loads it) with
+    `adapter` merged (default: the run's trained adapter, `<storage.uri>/<name>/adapter`), written to `out`
+    (default `<storage.uri>/<name>/export/merged`, or `.../export/gguf-<quant>` for `format="gguf"`). An s3://
+    destination is written next to the node cache (`storage.cache_dir`), then uploaded as one commit: readers
+    see the whole folder or the previous one. Returns (where it went, the summary)."""
     import tempfile
 
+    from fjordtune.export.gguf import export_gguf
     from fjordtune.model.load import local_model_dir, stage_base_model
     from fjordtune.storage.store import Store, cache_root
 
     store = Store.for_job(job)
     cache = cache_root(job.storage.cache_dir)
     adapter = adapter or f"{job.run_uri}/adapter"
-    out = out or f"{job.run_uri}/export/merged"
+    out = out or f"{job.run_uri}/export/" + ("merged" if format == "merged" else f"gguf-{quant}")
+    if format == "gguf":
+        from fjordtune.export.gguf import converter_dir
+
+        converter_dir(cache)  # llama.cpp present and its converter at hand, before any merging
     if adapter.startswith("s3://") and not store.is_committed(adapter):
         raise UserError(f"--adapter {adapter}: no committed adapter there (has the run finished training?)")
     model_dir = local_model_dir(stage_base_model(job.model.path, run_uri=job.run_uri, store=store,
                                                  seed=job.model.seed), store=store, cache_root=cache)
     adapter_dir = local_model_dir(adapter, store=store, cache_root=cache)
+
+    def write(dest: Path) -> Any:
+        if format == "gguf":
+            return export_gguf(model_dir, adapter_dir, dest, quant=quant, dtype=dtype, cache=cache, name=job.name)
+        return export_merged(model_dir, adapter_dir, dest, dtype=dtype, shard_bytes=shard_bytes)
+
     if not out.startswith("s3://"):
-        return out, export_merged(model_dir, adapter_dir, out, dtype=dtype, shard_bytes=shard_bytes)
+        return out, write(Path(out))
     Path(cache).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export-", dir=cache) as tmp:
-        summary = export_merged(model_dir, adapter_dir, Path(tmp) / "merged", dtype=dtype, shard_bytes=shard_bytes)
-        log.info("export: uploading %.2f GB to %s", summary.total_bytes / 1e9, out)
-        store.upload_dir(Path(tmp) / "merged", out, meta={"base_model": job.model.path, "adapter": adapter,
-                                                          "dtype": dtype})
+        summary = write(Path(tmp) / "out")
+        folder = Path(tmp) / "out"
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        log.info("export: uploading %.2f GB to %s", size / 1e9, out)
+        store.upload_dir(folder, out, meta={"base_model": job.model.path, "adapter": adapter, "dtype": dtype,
+                                            "format": format, **({"quant": quant} if format == "gguf" else {})})
     return out, summary

@@ -91,7 +91,11 @@ def _client(served):
     return OpenAI(base_url=served["url"] + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
-def test_models_lists_the_served_model(served):
+def test_models_lists_the_served_model_and_serve_shows_the_application(served):
+    from ray import serve
+
+    app = serve.status().applications["fjordtune-demo-tuned"]  # what the dashboard's Serve tab lists
+    assert app.status == "RUNNING" and set(app.deployments) == {"chat"}
     models = _client(served).models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].owned_by == "fjordtune"

@@ -477,12 +477,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = app.ServeOptions(model_id=args.model_name or job.name, engine=app.pick_engine(job, args.engine),
                                host=args.host, port=args.port, max_tokens=args.max_tokens,
                                max_concurrent=args.max_concurrent, max_queued=args.max_queued, replicas=args.replicas)
-    private = app.connect(args.address)
     if args.down:
+        app.connect(args.address)
         gone = app.shutdown(options.app_name)
         print(f"serve: {options.app_name} {'deleted' if gone else 'was not running'}")
         return 0
+    # everything that can be refused is refused before Ray is joined or started
     source = app.resolve_source(job, adapter=args.adapter, merged=args.merged, engine=options.engine)
+    if options.engine == "vllm":
+        app.require_vllm()
+    private = app.connect(args.address)
     print(f"serve: deploying {options.app_name} ({options.engine}: {source.describe()}); the first start loads "
           "and merges the model", flush=True)
     app.deploy(job, source, options)

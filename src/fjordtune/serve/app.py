@@ -214,12 +214,19 @@ def vllm_llm_config(job: Any, source: ModelSource, options: ServeOptions) -> dic
     }
 
 
-def build_vllm_app(job: Any, source: ModelSource, options: ServeOptions) -> Any:
+def require_vllm() -> None:
+    """Ray Serve LLM imports only where vLLM is installed."""
     try:
-        from ray.serve.llm import LLMConfig, build_openai_app
+        import ray.serve.llm  # noqa: F401
     except ImportError as e:
-        raise UserError(f"--engine vllm needs vLLM (`pip install 'ray[llm]==2.60.0'`, a CUDA build; the GPU images "
-                        f"have it): {str(e).splitlines()[0]}") from None
+        raise UserError(f"--engine vllm needs vLLM: pip install 'ray[llm]==2.60.0' on the GPU nodes (a CUDA build, not "
+                        f"in fjordtune's images; docs/serve.md) ({str(e).splitlines()[0][:200]})") from None
+
+
+def build_vllm_app(job: Any, source: ModelSource, options: ServeOptions) -> Any:
+    require_vllm()
+    from ray.serve.llm import LLMConfig, build_openai_app
+
     return build_openai_app({"llm_configs": [LLMConfig(**vllm_llm_config(job, source, options))]})
 
 

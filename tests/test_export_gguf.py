@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import llama_cpp  # part of the test install (fjordtune[test]): a missing one fails here, it does not skip
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,6 @@ from conftest import LORA_ATTENTION, LORA_EXPERTS
 from fjordtune.cli import main
 
 pytestmark = pytest.mark.integration
-llama_cpp = pytest.importorskip("llama_cpp", reason="fjordtune[gguf] (llama-cpp-python) is part of the test install")
 
 REPO = Path(__file__).resolve().parents[1]
 WIDE = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, q_lora_rank=256, kv_lora_rank=256,

@@ -184,3 +184,21 @@ def test_down_deletes_the_application(served, capsys):
     assert "fjordtune-demo-tuned deleted" in capsys.readouterr().out
     with pytest.raises(requests.RequestException):
         requests.get(served["url"] + "/v1/models", timeout=10).raise_for_status()
+
+
+def test_a_model_that_fails_to_load_is_one_line_after_three_tries_and_a_missing_shard_is_refused_first(
+        served, tiny_model_dir, capsys):
+    """After `--down`: a merged folder whose shard is cut in half passes the listing check, fails in the replica
+    (3 constructor tries, not Serve's 20), and `fjordtune serve` ends with exit 3 and the loader's own error."""
+    import shutil
+
+    broken = served["tmp"] / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (shard,) = broken.glob("*.safetensors")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert main(["serve", *served["args"], "--merged", str(broken)]) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "did not start (3 tries)" in errors[0] and "SafetensorError" in errors[0], errors
+    shard.unlink()
+    assert main(["serve", *served["args"], "--merged", str(broken)]) == 2
+    assert "model.safetensors" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from fjordtune.serve.protocol import ApiError, models_list, parse_chat_request
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "transformers", "vllm")
+CONSTRUCTOR_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def resolve_source(job: Any, *, adapter: str | None, merged: str | None, engine:
     """Check before deploying that what will be served exists (a 2 here beats a replica that fails to start):
     `--merged` as given; otherwise the base (staged like training stages it) plus `--adapter` (default the
     run's trained adapter). vLLM serves merged folders only: default the run's `fjordtune export` output."""
-    from fjordtune.model.load import stage_base_model
+    from fjordtune.model.load import check_model_folder, stage_base_model
     from fjordtune.storage.store import Store
 
     if adapter and merged:
@@ -88,6 +89,7 @@ def resolve_source(job: Any, *, adapter: str | None, merged: str | None, engine:
     if merged:
         if not _exists(store, merged):
             raise UserError(f"--merged {merged}: no model folder there (write one with `fjordtune export JOB`)")
+        check_model_folder(merged, store=store)  # its index and shards, from the listing: before any replica
         return ModelSource(merged=merged)
     adapter = adapter or f"{job.run_uri}/adapter"
     if not _exists(store, adapter):
@@ -178,6 +180,9 @@ def build_transformers_app(job: Any, source: ModelSource, options: ServeOptions)
 
     return FjordtuneChat.options(num_replicas=options.replicas, max_ongoing_requests=options.max_concurrent,
                                  max_queued_requests=options.max_queued,
+                                 # a model that fails to load fails the same way again: say so after 3
+                                 # tries, not Serve's default 20 (minutes of retries for a 238 GB model)
+                                 max_constructor_retry_count=CONSTRUCTOR_TRIES,
                                  ray_actor_options={"num_cpus": options.cpus_per_replica,
                                                     "num_gpus": 1 if job.resources.use_gpu else 0}).bind()
 
@@ -249,8 +254,24 @@ def deploy(job: Any, source: ModelSource, options: ServeOptions) -> None:
     try:
         serve.run(app, name=options.app_name, route_prefix="/", blocking=False)
     except RuntimeError as e:
-        raise InfraError(f"serve: the application {options.app_name} did not start: "
-                         f"{str(e).strip().splitlines()[-1][:500]} (the replica's log: Ray dashboard, Serve tab)") from None
+        why = _replica_failure(options.app_name) or str(e).strip().splitlines()[-1]
+        raise InfraError(f"serve: the application {options.app_name} did not start ({CONSTRUCTOR_TRIES} tries): "
+                         f"{why[:500]} (the whole traceback: above, and in the Ray dashboard's Serve tab)") from None
+
+
+def _replica_failure(app_name: str) -> str | None:
+    """The last line of the error a failed replica left in Serve's status (the exception, not the traceback)."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[app_name].deployments
+    except Exception:  # noqa: BLE001  no status to read: the caller has Serve's own message
+        return None
+    for deployment in deployments.values():
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return None
 
 
 def shutdown(app_name: str) -> bool:

@@ -103,7 +103,7 @@ def _serve(*args: str) -> int:
     return main(["serve", str(REPO / "jobs/demo.yaml"), *args])
 
 
-def test_serve_refuses_before_ray_is_joined(tmp_path, capsys):
+def test_serve_refuses_before_ray_is_joined(tmp_path, tiny_model_dir, capsys):
     import ray
 
     assert _serve("--adapter", str(tmp_path / "a"), "--merged", str(tmp_path / "m")) == 2
@@ -112,8 +112,10 @@ def test_serve_refuses_before_ray_is_joined(tmp_path, capsys):
     assert "no committed adapter there" in capsys.readouterr().err
     assert _serve("--engine", "vllm", "--set", f"storage.uri={tmp_path}/runs") == 2
     assert "run `fjordtune export JOB --format merged` first" in capsys.readouterr().err
-    (tmp_path / "merged").mkdir()
-    assert _serve("--engine", "vllm", "--merged", str(tmp_path / "merged")) == 2
+    (tmp_path / "empty").mkdir()
+    assert _serve("--merged", str(tmp_path / "empty")) == 2
+    assert "no such model folder, or it is empty" in capsys.readouterr().err
+    assert _serve("--engine", "vllm", "--merged", str(tiny_model_dir)) == 2
     assert "--engine vllm needs vLLM" in capsys.readouterr().err
     assert _serve("--max-tokens", "0") == 2
     assert not ray.is_initialized()
@@ -129,3 +131,20 @@ def test_vllm_config_spreads_the_merged_model_over_the_job_gpus():
     assert cfg["model_loading_config"] == {"model_id": "norsk", "model_source": {"bucket_uri": "s3://b/runs/x/export/merged"}}
     assert cfg["engine_kwargs"]["tensor_parallel_size"] == min(job.resources.num_workers, job.resources.gpus_per_node, 8)
     assert cfg["deployment_config"]["max_ongoing_requests"] == 8 and cfg["deployment_config"]["max_queued_requests"] == 32
+
+
+def test_the_transformers_engine_takes_the_gpus_that_hold_the_model_or_is_refused():
+    from fjordtune.config import load_job
+    from fjordtune.errors import UserError
+    from fjordtune.preflight.gate import capacity, count, estimate_eval
+    from fjordtune.serve.app import gpus_for_transformers
+
+    assert gpus_for_transformers(load_job(str(REPO / "jobs/demo.yaml"), [])) == 0
+    offline = ["model.path=builtin:mistral-small-4"]  # the release's config, no download
+    job = load_job(str(REPO / "jobs/norskmistral-119b.yaml"), offline)  # 119B in bf16 on 80 GB H100s
+    gpus = gpus_for_transformers(job)
+    counts, cap = count(job), capacity(job)[0]
+    assert 1 < gpus <= job.resources.gpus_per_node
+    assert estimate_eval(job, counts, cap, gpus=gpus).fits and not estimate_eval(job, counts, cap, gpus=gpus - 1).fits
+    with pytest.raises(UserError, match="more than the 2 GPUs of one node hold; serve it with --engine vllm"):
+        gpus_for_transformers(load_job(str(REPO / "jobs/norskmistral-119b.yaml"), [*offline, "resources.gpus_per_node=2"]))

@@ -486,6 +486,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     source = app.resolve_source(job, adapter=args.adapter, merged=args.merged, engine=options.engine)
     if options.engine == "vllm":
         app.require_vllm()
+    else:
+        import dataclasses
+
+        options = dataclasses.replace(options, gpus_per_replica=app.gpus_for_transformers(job))
     private = app.connect(args.address)
     print(f"serve: deploying {options.app_name} ({options.engine}: {source.describe()}); the first start loads "
           "and merges the model", flush=True)

@@ -61,6 +61,8 @@ class ServeOptions:
     """Requests waiting beyond that; more get 503 at once (Serve's `max_queued_requests`)."""
     replicas: int = 1
     cpus_per_replica: float = 1.0
+    gpus_per_replica: int = 0
+    """transformers engine on GPUs: the fewest GPUs of one node that hold the model (`gpus_for_transformers`)."""
 
     @property
     def app_name(self) -> str:
@@ -105,6 +107,23 @@ def _exists(store: Any, uri: str) -> bool:
     return Path(uri).is_dir()
 
 
+def gpus_for_transformers(job: Any) -> int:
+    """GPUs per replica of the transformers engine: 0 on CPUs; on GPUs the fewest of one node whose memory
+    holds the model, by preflight's inference estimate (the one that sizes eval replicas). A model no node
+    holds is refused here, before a replica waits for GPUs that no node has."""
+    if not job.resources.use_gpu:
+        return 0
+    from fjordtune.preflight.gate import capacity, count, estimate_eval
+
+    counts, cap, per_node = count(job), capacity(job)[0], job.resources.gpus_per_node
+    for gpus in range(1, per_node + 1):
+        if estimate_eval(job, counts, cap, gpus=gpus).fits:
+            return gpus
+    need = estimate_eval(job, counts, cap, gpus=per_node).total_bytes / 2**30
+    raise UserError(f"--engine transformers: the model needs about {need:.0f} GiB, more than the {per_node} GPUs of "
+                    "one node hold; serve it with --engine vllm (tensor parallel over the merged export)")
+
+
 def load_engine(job: Any, source: ModelSource, options: ServeOptions) -> Any:
     """Inside the replica: fetch (node cache), merge if needed, load through the verified loader."""
     from fjordtune.export.merged import export_merged
@@ -113,12 +132,13 @@ def load_engine(job: Any, source: ModelSource, options: ServeOptions) -> Any:
     from fjordtune.storage.store import Store, cache_root
 
     store, cache = Store.for_job(job), cache_root(job.storage.cache_dir)
-    device = "cuda" if _cuda() else "cpu"
+    device = "cuda" if options.gpus_per_replica and _cuda() else "cpu"
+    place = {"device": device, "device_map": "auto" if options.gpus_per_replica > 1 else None}
     start = time.monotonic()
     if source.merged:
         engine = ChatEngine.from_folder(local_model_dir(source.merged, store=store, cache_root=cache),
                                         model_id=options.model_id, max_tokens=options.max_tokens,
-                                        dtype=job.model.dtype, device=device)
+                                        dtype=job.model.dtype, **place)
     else:
         base = local_model_dir(source.base, store=store, cache_root=cache)
         adapter = local_model_dir(source.adapter, store=store, cache_root=cache)
@@ -126,7 +146,7 @@ def load_engine(job: Any, source: ModelSource, options: ServeOptions) -> Any:
         with tempfile.TemporaryDirectory(prefix="serve-merged-", dir=cache) as tmp:
             export_merged(base, adapter, Path(tmp) / "merged", dtype=job.model.dtype)
             engine = ChatEngine.from_folder(str(Path(tmp) / "merged"), model_id=options.model_id,
-                                            max_tokens=options.max_tokens, dtype=job.model.dtype, device=device)
+                                            max_tokens=options.max_tokens, dtype=job.model.dtype, **place)
     log.info("serving %s (%s) on %s, loaded in %.1f s", options.model_id, source.describe(), device,
              time.monotonic() - start)
     return engine
@@ -184,7 +204,7 @@ def build_transformers_app(job: Any, source: ModelSource, options: ServeOptions)
                                  # tries, not Serve's default 20 (minutes of retries for a 238 GB model)
                                  max_constructor_retry_count=CONSTRUCTOR_TRIES,
                                  ray_actor_options={"num_cpus": options.cpus_per_replica,
-                                                    "num_gpus": 1 if job.resources.use_gpu else 0}).bind()
+                                                    "num_gpus": options.gpus_per_replica}).bind()
 
 
 def _sse(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:

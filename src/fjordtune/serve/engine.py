@@ -62,12 +62,13 @@ class ChatEngine:
 
     @classmethod
     def from_folder(cls, model_dir: str, *, model_id: str, max_tokens: int, dtype: str = "float32",
-                    device: str = "cpu") -> ChatEngine:
-        """Load a plain model folder through the verified loader (every tensor matched to a parameter)."""
+                    device: str = "cpu", device_map: str | None = None) -> ChatEngine:
+        """Load a plain model folder through the verified loader (every tensor matched to a parameter);
+        `device_map="auto"` spreads the layers over every visible GPU."""
         from fjordtune.model.load import load_causal_lm, load_tokenizer
 
-        return cls(load_causal_lm(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir),
-                   model_id=model_id, max_tokens=max_tokens)
+        return cls(load_causal_lm(model_dir, dtype=dtype, device=device, device_map=device_map),
+                   load_tokenizer(model_dir), model_id=model_id, max_tokens=max_tokens)
 
     def prepare(self, req: ChatRequest) -> Prepared:
         """Render and tokenize the chat; check the prompt against the context (400s, before any generation)."""

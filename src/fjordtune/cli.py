@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deploy the tuned model as the Ray Serve application fjordtune-<name> (or --model-name) with an "
         "OpenAI-compatible /v1/chat/completions (streaming and not) and /v1/models, using the model's chat template. "
         "By default the run's adapter (<storage.uri>/<name>/adapter) is merged into the base inside the replica; "
-        "--merged serves a folder written by `fjordtune export`. Engines: transformers' generate (CPU, one GPU) or "
+        "--merged serves a folder written by `fjordtune export`. Engines: transformers' generate (CPU, or the GPUs "
+        "of one node that preflight says hold the model) or "
         "vLLM through Ray Serve LLM (GPUs; unverified until a GPU check has run it, docs/serve.md). On a running Ray "
         "cluster (--address, RAY_ADDRESS, or one started on this machine) the application keeps running after this "
         "command returns: stop it with --down. Without a cluster, a private one is started and the server runs in "
@@ -459,8 +460,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--shard-size {args.shard_size}: give a positive size in GB")
     where, summary = export_job(_load(args), adapter=args.adapter, out=args.out, dtype=args.dtype,
                                 shard_bytes=int(args.shard_size * 1e9), format=args.format, quant=args.quant)
-    local = summary.out_dir if args.format == "merged" else summary.path.parent
-    print(summary.line().replace(str(local), where))
+    print(summary.line().replace(str(summary.out_dir), where))
     return 0
 
 

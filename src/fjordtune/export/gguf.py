@@ -48,6 +48,11 @@ class GgufSummary:
     bytes: int
     seconds: float
 
+    @property
+    def out_dir(self) -> Path:
+        """The folder written (what an s3:// destination receives), as `ExportSummary.out_dir`."""
+        return self.path.parent
+
     def line(self) -> str:
         return f"export: {self.path.name} ({self.quant}, {self.bytes / 1e9:.2f} GB) in {self.seconds:.1f} s -> {self.path}"
 
